@@ -1,0 +1,50 @@
+# vadvisor: run it, test it, set up a real hypervisor for the tests.
+#
+#   make demo      run the agent on port 8181 against libvirt's test:///default
+#   make test      set up the test bench (root) and run the whole test suite
+#   make testbed   install and start libvirtd with QEMU/KVM (root, idempotent)
+
+PORT ?= 8181
+# The first interpreter that has the libvirt binding (Debian's /usr/bin/python3
+# has python3-libvirt; a python3 earlier on PATH may not).
+PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev/null 2>&1 && { command -v $$p; exit; }; done; echo /usr/bin/python3)
+
+DEMO_PACKAGES = python3-libvirt libvirt-clients
+BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu \
+	libvirt-clients qemu-system-x86 qemu-utils prometheus curl
+
+.PHONY: demo test testbed deps-demo deps-bench
+
+demo: deps-demo
+	@echo "vadvisor demo on http://localhost:$(PORT)/ (libvirt test:///default); Ctrl-C stops it"
+	$(PY) vadvisor.py --connect test:///default --port $(PORT)
+
+test: testbed
+	$(PY) test_vadvisor.py
+
+deps-demo:
+	@$(call apt_install,$(DEMO_PACKAGES))
+
+deps-bench:
+	@$(call apt_install,$(BENCH_PACKAGES))
+
+testbed: deps-bench
+	@[ ! -e /dev/kvm ] || [ "$$(id -u)" != 0 ] || chmod 666 /dev/kvm
+	@if ! virsh -c qemu:///system version >/dev/null 2>&1; then \
+	  [ "$$(id -u)" = 0 ] || { echo "testbed: libvirtd is not running; run 'make testbed' as root"; exit 0; }; \
+	  pgrep -x virtlogd >/dev/null || virtlogd -d; \
+	  pgrep -x libvirtd >/dev/null || libvirtd -d; \
+	  for i in $$(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done; \
+	fi
+	@virsh -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running hypervisor: /testbed: /p'
+
+# Install Debian packages that are missing, when root; otherwise say what is missing.
+define apt_install
+missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+if [ -n "$$missing" ]; then \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+    echo "installing:" $$missing; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+  else echo "missing packages (install them as root):" $$missing; fi; \
+fi
+endef

@@ -1,0 +1,1011 @@
+#!/usr/bin/python3
+"""vadvisor's test suite: standard library only.
+
+Three layers:
+  * formatter and table tests on a recorded real KVM getAllDomainStats record;
+  * the agent as a subprocess against libvirt's built-in test:///default driver;
+  * the agent against a real libvirtd with real QEMU/KVM guests that the tests
+    create (names start with 'vadt-'; cleaned before and after).  These need
+    root and a running libvirtd ('make testbed'); without one they are skipped
+    with the reason, or fail when VADVISOR_REQUIRE_BENCH=1 (CI sets it).
+
+Run: python3 test_vadvisor.py   (or: make test)
+"""
+
+import ast
+import gzip
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.dont_write_bytecode = True      # keep the checkout clean
+sys.path.insert(0, HERE)
+import vadvisor  # noqa: E402
+
+try:
+    import libvirt
+except ImportError:
+    libvirt = None
+
+PY = sys.executable
+AGENT = os.path.join(HERE, "vadvisor.py")
+REQUIRE_BENCH = os.environ.get("VADVISOR_REQUIRE_BENCH") == "1"
+SYSTEM_URI = "qemu:///system"
+PREFIX = "vadt-"
+IMAGES = "/var/lib/libvirt/images"
+
+# One real record: getAllDomainStats(all groups, NOWAIT) for a running KVM
+# guest (2 vCPUs, one virtio disk, one ethernet tap), libvirt 9.0, QEMU 7.2.
+REAL_RECORD = json.loads(
+    '{"balloon.current":32768,"balloon.last-update":0,"balloon.maximum":32768,"balloon.rss":37828,"bl'
+    'ock.0.allocation":0,"block.0.backingIndex":1,"block.0.capacity":33554432,"block.0.fl.reqs":0,"bl'
+    'ock.0.fl.times":0,"block.0.name":"vda","block.0.path":"/var/lib/libvirt/images/vadt-1.qcow2","bl'
+    'ock.0.physical":204800,"block.0.rd.bytes":0,"block.0.rd.reqs":0,"block.0.rd.times":0,"block.0.wr'
+    '.bytes":0,"block.0.wr.reqs":0,"block.0.wr.times":0,"block.count":1,"cpu.cache.monitor.count":0,"'
+    'cpu.haltpoll.fail.time":0,"cpu.haltpoll.success.time":0,"cpu.system":3040166000,"cpu.time":32242'
+    '32000,"cpu.user":184066000,"dirtyrate.calc_mode":"page-sampling","dirtyrate.calc_period":0,"dirt'
+    'yrate.calc_start_time":0,"dirtyrate.calc_status":0,"net.0.name":"vadt1","net.0.rx.bytes":90,"net'
+    '.0.rx.drop":0,"net.0.rx.errs":0,"net.0.rx.pkts":1,"net.0.tx.bytes":0,"net.0.tx.drop":0,"net.0.tx'
+    '.errs":0,"net.0.tx.pkts":0,"net.count":1,"state.reason":1,"state.state":1,"vcpu.0.blocking.cur":'
+    'false,"vcpu.0.delay":170861421,"vcpu.0.directed_yield_attempted.sum":0,"vcpu.0.directed_yield_su'
+    'ccessful.sum":0,"vcpu.0.exits.sum":4343,"vcpu.0.fpu_reload.sum":1561,"vcpu.0.guest_mode.cur":fal'
+    'se,"vcpu.0.halt_attempted_poll.sum":0,"vcpu.0.halt_exits.sum":0,"vcpu.0.halt_poll_fail_ns.sum":0'
+    ',"vcpu.0.halt_poll_invalid.sum":0,"vcpu.0.halt_poll_success_ns.sum":0,"vcpu.0.halt_successful_po'
+    'll.sum":0,"vcpu.0.halt_wait_ns.sum":0,"vcpu.0.halt_wakeup.sum":0,"vcpu.0.host_state_reload.sum":'
+    '0,"vcpu.0.hypercalls.sum":0,"vcpu.0.insn_emulation.sum":2707037,"vcpu.0.insn_emulation_fail.sum"'
+    ':0,"vcpu.0.invlpg.sum":0,"vcpu.0.io_exits.sum":0,"vcpu.0.irq_exits.sum":0,"vcpu.0.irq_injections'
+    '.sum":24,"vcpu.0.irq_window_exits.sum":23,"vcpu.0.l1d_flush.sum":0,"vcpu.0.mmio_exits.sum":32,"v'
+    'cpu.0.nested_run.sum":0,"vcpu.0.nmi_injections.sum":0,"vcpu.0.nmi_window_exits.sum":0,"vcpu.0.no'
+    'tify_window_exits.sum":0,"vcpu.0.pf_emulate.sum":0,"vcpu.0.pf_fast.sum":0,"vcpu.0.pf_fixed.sum":'
+    '0,"vcpu.0.pf_guest.sum":0,"vcpu.0.pf_mmio_spte_created.sum":0,"vcpu.0.pf_park_timeouts.sum":0,"v'
+    'cpu.0.pf_parked.sum":0,"vcpu.0.pf_spurious.sum":0,"vcpu.0.pf_taken.sum":0,"vcpu.0.preemption_oth'
+    'er.sum":312,"vcpu.0.preemption_reported.sum":0,"vcpu.0.req_event.sum":141,"vcpu.0.request_irq_ex'
+    'its.sum":0,"vcpu.0.signal_exits.sum":3,"vcpu.0.state":1,"vcpu.0.time":2680000000,"vcpu.0.tlb_flu'
+    'sh.sum":2,"vcpu.0.wait":0,"vcpu.1.blocking.cur":false,"vcpu.1.delay":11690175,"vcpu.1.directed_y'
+    'ield_attempted.sum":0,"vcpu.1.directed_yield_successful.sum":0,"vcpu.1.exits.sum":10,"vcpu.1.fpu'
+    '_reload.sum":5,"vcpu.1.guest_mode.cur":false,"vcpu.1.halt_attempted_poll.sum":0,"vcpu.1.halt_exi'
+    'ts.sum":1,"vcpu.1.halt_poll_fail_ns.sum":0,"vcpu.1.halt_poll_invalid.sum":0,"vcpu.1.halt_poll_su'
+    'ccess_ns.sum":0,"vcpu.1.halt_successful_poll.sum":0,"vcpu.1.halt_wait_ns.sum":2332870297,"vcpu.1'
+    '.halt_wakeup.sum":29,"vcpu.1.host_state_reload.sum":0,"vcpu.1.hypercalls.sum":0,"vcpu.1.insn_emu'
+    'lation.sum":9117,"vcpu.1.insn_emulation_fail.sum":0,"vcpu.1.invlpg.sum":0,"vcpu.1.io_exits.sum":'
+    '0,"vcpu.1.irq_exits.sum":0,"vcpu.1.irq_injections.sum":0,"vcpu.1.irq_window_exits.sum":0,"vcpu.1'
+    '.l1d_flush.sum":0,"vcpu.1.mmio_exits.sum":0,"vcpu.1.nested_run.sum":0,"vcpu.1.nmi_injections.sum'
+    '":0,"vcpu.1.nmi_window_exits.sum":0,"vcpu.1.notify_window_exits.sum":0,"vcpu.1.pf_emulate.sum":0'
+    ',"vcpu.1.pf_fast.sum":0,"vcpu.1.pf_fixed.sum":0,"vcpu.1.pf_guest.sum":0,"vcpu.1.pf_mmio_spte_cre'
+    'ated.sum":0,"vcpu.1.pf_park_timeouts.sum":0,"vcpu.1.pf_parked.sum":0,"vcpu.1.pf_spurious.sum":0,'
+    '"vcpu.1.pf_taken.sum":0,"vcpu.1.preemption_other.sum":1,"vcpu.1.preemption_reported.sum":0,"vcpu'
+    '.1.req_event.sum":2,"vcpu.1.request_irq_exits.sum":0,"vcpu.1.signal_exits.sum":3,"vcpu.1.state":'
+    '1,"vcpu.1.time":0,"vcpu.1.tlb_flush.sum":2,"vcpu.1.wait":0,"vcpu.current":2,"vcpu.maximum":2,"vm'
+    '.max_mmu_page_hash_collisions.max":0,"vm.max_mmu_rmap_size.max":0,"vm.mmu_cache_miss.sum":16,"vm'
+    '.mmu_flooded.sum":0,"vm.mmu_kicks_spared.sum":0,"vm.mmu_pde_zapped.sum":0,"vm.mmu_pte_write.sum"'
+    ':0,"vm.mmu_recycled.sum":0,"vm.mmu_shadow_zapped.sum":20,"vm.mmu_unsync.cur":0,"vm.nx_lpage_spli'
+    'ts.cur":0,"vm.pages_1g.cur":0,"vm.pages_2m.cur":0,"vm.pages_4k.cur":0,"vm.remote_tlb_flush.sum":'
+    '0,"vm.remote_tlb_flush_requests.sum":2}'
+)
+REAL_UUID = "9047c999-861e-4d91-a2db-9189dbc5307e"
+TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"   # test:///default's domain
+
+
+# -----------------------------------------------------------------------------
+# helpers
+# -----------------------------------------------------------------------------
+
+SAMPLE_RE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r'(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})?'
+    r' (NaN|[+-]Inf|[-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$')
+LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def unescape(value):
+    return re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value)
+
+
+def parse_exposition(testcase, text, openmetrics=False):
+    """Strictly parse exposition text: {family: {"type", "help", "samples"}}.
+
+    Fails the test on any line out of grammar, a second HELP/TYPE, a family
+    split in two, or a missing final newline.
+    """
+    testcase.assertTrue(text.endswith("\n"), "body must end with a newline")
+    families, order, current = {}, [], None
+    lines = text.split("\n")[:-1]
+    if openmetrics:
+        testcase.assertEqual(lines[-1], "# EOF")
+        lines = lines[:-1]
+    for line in lines:
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            kind, name, rest = line[2:6], line.split(" ")[2], line.split(" ", 3)[3]
+            fam = families.setdefault(name, {"type": None, "help": None, "samples": []})
+            key = "help" if kind == "HELP" else "type"
+            testcase.assertIsNone(fam[key], "second %s for %s" % (kind, name))
+            fam[key] = rest
+            if name != current:
+                testcase.assertNotIn(name, order, "family %s is split" % name)
+                order.append(name)
+                current = name
+            continue
+        testcase.assertFalse(line.startswith("#"), "stray comment: %r" % line)
+        m = SAMPLE_RE.match(line)
+        testcase.assertIsNotNone(m, "bad sample line: %r" % line)
+        name, labels, value = m.groups()
+        family = name
+        if openmetrics and name.endswith("_total") and name[:-6] in families:
+            family = name[:-6]
+        testcase.assertEqual(family, current, "sample %s outside its family" % name)
+        families[family]["samples"].append(
+            (name, {k: unescape(v) for k, v in LABEL_RE.findall(labels or "")}, float(value)))
+    return families
+
+
+def values(families, family, **labels):
+    """The values of a family's samples whose labels include the given ones."""
+    fam = families.get(family)
+    if fam is None:
+        return []
+    return [v for _, l, v in fam["samples"] if all(l.get(k) == x for k, x in labels.items())]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path, headers=None, method="GET", timeout=10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def raw_request(port, data, timeout=5):
+    """Send raw bytes; return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def wait_for(predicate, timeout, interval=0.1):
+    """Poll until predicate() is truthy; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+class Agent(object):
+    """vadvisor.py running as a subprocess on a free loopback port."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args),
+            stdout=self.log, stderr=subprocess.STDOUT)
+        ok = wait_for(self._answers, 15)
+        if not ok:
+            self.stop()
+            raise AssertionError("agent did not start: %s" % self.output())
+
+    def _answers(self):
+        try:
+            http_get(self.port, "/healthz", timeout=2)
+            return True
+        except OSError:
+            return self.proc.poll() is not None and None
+
+    def get(self, path, headers=None, method="GET"):
+        return http_get(self.port, path, headers, method)
+
+    def metrics(self, testcase):
+        status, _, body = self.get("/metrics")
+        testcase.assertEqual(status, 200)
+        return parse_exposition(testcase, body.decode("utf-8"))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+
+def promtool_check(testcase, body):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if REQUIRE_BENCH:
+            testcase.fail("promtool is missing (apt-get install prometheus)")
+        testcase.skipTest("promtool is missing (apt-get install prometheus)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=body,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    testcase.assertEqual(proc.returncode, 0, proc.stdout.decode())
+
+
+def real_sample(*records, **kw):
+    """A Sample built from (uuid, name, stats) records."""
+    return vadvisor.Sample(1, 1700000000.25, 0.01, list(records), kw.get("gone", []))
+
+
+# -----------------------------------------------------------------------------
+# formatter and metric table, on recorded real data
+# -----------------------------------------------------------------------------
+
+class FormatterTests(unittest.TestCase):
+
+    def render(self, *records, **kw):
+        table = vadvisor.MetricTable(collect=kw.pop("collect", ()))
+        om = kw.pop("openmetrics", False)
+        text = vadvisor.PrometheusFormatter(table).render(real_sample(*records, **kw), om)
+        if om:
+            text += "# EOF\n"
+        return text, parse_exposition(self, text, om)
+
+    def test_units_are_converted_to_base_units(self):
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD))
+        r = REAL_RECORD
+        self.assertEqual(values(fams, "vm_cpu_seconds_total"), [r["cpu.time"] / 1e9])
+        self.assertEqual(values(fams, "vm_cpu_user_seconds_total"), [r["cpu.user"] / 1e9])
+        self.assertEqual(values(fams, "vm_memory_bytes"), [r["balloon.current"] * 1024])
+        self.assertEqual(values(fams, "vm_memory_rss_bytes"), [r["balloon.rss"] * 1024])
+        self.assertEqual(values(fams, "vm_vcpu_seconds_total", cpu="1"), [r["vcpu.1.time"] / 1e9])
+        self.assertEqual(values(fams, "vm_vcpu_delay_seconds_total", cpu="0"),
+                         [r["vcpu.0.delay"] / 1e9])
+        self.assertEqual(values(fams, "vm_disk_capacity_bytes", device="vda"),
+                         [r["block.0.capacity"]])
+        self.assertEqual(values(fams, "vm_network_receive_bytes_total", interface="vadt1"),
+                         [r["net.0.rx.bytes"]])
+        self.assertEqual(values(fams, "vm_network_receive_dropped_packets_total",
+                                interface="vadt1"), [r["net.0.rx.drop"]])
+        self.assertEqual(values(fams, "vm_vcpus"), [2])
+        self.assertEqual(values(fams, "vm_up"), [1])
+
+    def test_vm_up_and_vm_state_from_one_field(self):
+        for state, up in ((1, 1), (3, 0), (5, 0), (0, 0), (99, 0)):
+            _, fams = self.render((REAL_UUID, "g", {"state.state": state, "state.reason": 2}))
+            self.assertEqual(values(fams, "vm_up"), [up], state)
+            self.assertEqual(values(fams, "vm_state"), [state])
+
+    def test_seconds_are_printed_exactly(self):
+        text, _ = self.render((REAL_UUID, "x", {"cpu.time": 2502767000, "state.state": 1}))
+        self.assertIn('vm_cpu_seconds_total{uuid="%s",name="x"} 2.502767\n' % REAL_UUID, text)
+
+    def test_every_series_has_uuid_and_name_and_device_labels(self):
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD))
+        device_label = {"vm_vcpu_": "cpu", "vm_network_": "interface", "vm_disk_": "device"}
+        for name, fam in fams.items():
+            for sample_name, labels, _ in fam["samples"]:
+                self.assertEqual(labels["uuid"], REAL_UUID, sample_name)
+                self.assertEqual(labels["name"], "vadt-1", sample_name)
+                for prefix, label in device_label.items():
+                    if name.startswith(prefix):
+                        self.assertIn(label, labels, sample_name)
+
+    def test_required_families_present_for_a_real_kvm_guest(self):
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD))
+        for name in ("vm_up", "vm_state", "vm_cpu_seconds_total", "vm_cpu_user_seconds_total",
+                     "vm_cpu_system_seconds_total", "vm_vcpus", "vm_vcpus_maximum",
+                     "vm_vcpu_seconds_total", "vm_vcpu_wait_seconds_total",
+                     "vm_vcpu_delay_seconds_total", "vm_memory_bytes", "vm_memory_maximum_bytes",
+                     "vm_memory_rss_bytes", "vm_disk_read_bytes_total", "vm_disk_write_bytes_total",
+                     "vm_disk_read_requests_total", "vm_disk_write_requests_total",
+                     "vm_disk_read_seconds_total", "vm_disk_write_seconds_total",
+                     "vm_disk_flush_seconds_total", "vm_disk_flush_requests_total",
+                     "vm_disk_capacity_bytes", "vm_disk_allocation_bytes", "vm_disk_physical_bytes"):
+            self.assertIn(name, fams)
+        for direction in ("receive", "transmit"):
+            for what in ("bytes", "packets", "errors", "dropped_packets"):
+                self.assertIn("vm_network_%s_%s_total" % (direction, what), fams)
+
+    def test_types_and_counter_names(self):
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD), collect=vadvisor.OPTIONAL_GROUPS)
+        for name, fam in fams.items():
+            self.assertIn(fam["type"], ("counter", "gauge"))
+            self.assertEqual(fam["type"] == "counter", name.endswith("_total"), name)
+            self.assertTrue(fam["help"], name)
+            self.assertNotIn("milliseconds", name)
+
+    def test_missing_values_are_omitted_not_zero(self):
+        _, fams = self.render((TEST_UUID, "test", {"state.state": 1, "state.reason": 1}))
+        self.assertEqual(sorted(fams), ["vm_state", "vm_state_reason", "vm_up"])
+        # the real guest has no guest balloon driver: no usable/unused/swap series
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD))
+        for name in ("vm_memory_usable_bytes", "vm_memory_unused_bytes",
+                     "vm_memory_swap_in_bytes_total", "vm_memory_major_faults_total"):
+            self.assertNotIn(name, fams)
+
+    def test_guest_balloon_stats_when_present(self):
+        stats = {"balloon.usable": 100, "balloon.unused": 50, "balloon.available": 200,
+                 "balloon.disk_caches": 10, "balloon.swap_in": 3, "balloon.swap_out": 4,
+                 "balloon.major_fault": 5, "balloon.minor_fault": 6}
+        _, fams = self.render((REAL_UUID, "g", stats))
+        self.assertEqual(values(fams, "vm_memory_usable_bytes"), [102400])
+        self.assertEqual(values(fams, "vm_memory_swap_out_bytes_total"), [4096])
+        self.assertEqual(values(fams, "vm_memory_major_faults_total"), [5])
+        self.assertEqual(fams["vm_memory_swap_in_bytes_total"]["type"], "counter")
+
+    def test_strings_never_reach_the_number_formatter_and_booleans_are_0_1(self):
+        text, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD), collect=("vm", "dirtyrate"))
+        self.assertNotIn("page-sampling", text)          # dirtyrate.calc_mode
+        self.assertNotIn("vda\n", text)
+        self.assertEqual(values(fams, "vm_vcpu_kvm_guest_mode", cpu="0"), [0])
+        stats = {"vcpu.0.halted": True, "vcpu.1.halted": False, "state.state": 1}
+        _, fams = self.render((REAL_UUID, "g", stats))
+        self.assertEqual(values(fams, "vm_vcpu_halted", cpu="0"), [1])
+        self.assertEqual(values(fams, "vm_vcpu_halted", cpu="1"), [0])
+
+    def test_opt_in_groups_are_mapped_by_rule(self):
+        _, plain = self.render((REAL_UUID, "vadt-1", REAL_RECORD))
+        self.assertFalse([n for n in plain if "kvm" in n], "KVM stats need --collect vm")
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD), collect=("vm",))
+        r = REAL_RECORD
+        self.assertEqual(values(fams, "vm_kvm_mmu_shadow_zapped_total"), [r["vm.mmu_shadow_zapped.sum"]])
+        self.assertEqual(fams["vm_kvm_pages_2m"]["type"], "gauge")
+        self.assertEqual(fams["vm_kvm_max_mmu_rmap_size_max"]["type"], "gauge")
+        self.assertEqual(values(fams, "vm_vcpu_kvm_exits_total", cpu="0"), [r["vcpu.0.exits.sum"]])
+        # '*_ns' statistics become seconds
+        self.assertEqual(values(fams, "vm_vcpu_kvm_halt_wait_seconds_total", cpu="1"),
+                         [r["vcpu.1.halt_wait_ns.sum"] / 1e9])
+        stats = {"perf.cpu_cycles": 7, "iothread.count": 1, "iothread.1.poll-max-ns": 32768,
+                 "dirtyrate.megabytes_per_second": 3, "dirtyrate.calc_status": 2}
+        _, fams = self.render((REAL_UUID, "g", stats), collect=vadvisor.OPTIONAL_GROUPS)
+        self.assertEqual(values(fams, "vm_perf_cpu_cycles_total"), [7])
+        self.assertEqual(values(fams, "vm_iothread_poll_max_seconds", iothread="1"), [32768 / 1e9])
+        self.assertEqual(values(fams, "vm_dirtyrate_bytes_per_second"), [3 * 1048576])
+        stats = {"memory.bandwidth.monitor.count": 1, "memory.bandwidth.monitor.0.name": "mon0",
+                 "memory.bandwidth.monitor.0.vcpus": "0-1",
+                 "memory.bandwidth.monitor.0.node.count": 1,
+                 "memory.bandwidth.monitor.0.node.0.id": 0,
+                 "memory.bandwidth.monitor.0.node.0.bytes.local": 100,
+                 "memory.bandwidth.monitor.0.node.0.bytes.total": 150}
+        _, fams = self.render((REAL_UUID, "g", stats), collect=("memory",))
+        self.assertEqual(values(fams, "vm_memory_bandwidth_bytes_total", monitor="mon0", node="0"),
+                         [150])
+        self.assertEqual(values(fams, "vm_memory_bandwidth_local_bytes_total", monitor="mon0"),
+                         [100])
+
+    def test_hostile_label_values_are_escaped(self):
+        names = ['quo"te', "back\\slash", "new\nline", "uni\u00e9\u4e2d", "{}=,", "\\n"]
+        records = [("%08d-0000-0000-0000-000000000000" % i, n, {"state.state": 1,
+                    "net.count": 1, "net.0.name": n, "net.0.rx.bytes": 1})
+                   for i, n in enumerate(names)]
+        text, fams = self.render(*records)
+        self.assertEqual(sorted(l["name"] for _, l, _ in fams["vm_up"]["samples"]), sorted(names))
+        self.assertEqual(sorted(l["interface"] for _, l, _ in
+                                fams["vm_network_receive_bytes_total"]["samples"]), sorted(names))
+        promtool_check(self, text.encode("utf-8"))
+
+    def test_odd_values(self):
+        self.assertEqual(vadvisor.format_number(float("nan")), "NaN")
+        self.assertEqual(vadvisor.format_number(float("inf")), "+Inf")
+        self.assertEqual(vadvisor.format_number(float("-inf")), "-Inf")
+        self.assertEqual(vadvisor.format_number(True), "1")
+        self.assertEqual(vadvisor.format_number(2 ** 64 + 1), "18446744073709551617")
+        self.assertEqual(vadvisor.format_number(-3), "-3")
+        stats = {"state.state": 1, "balloon.rss": float("nan"), "block.count": 1,
+                 "block.0.capacity": float("inf"), "cpu.time": -5}
+        text, fams = self.render((REAL_UUID, "g", stats))
+        self.assertIn("vm_memory_rss_bytes{", text)
+        self.assertTrue(text.rstrip().split("\n"))
+        self.assertEqual(values(fams, "vm_disk_capacity_bytes", device="0"), [float("inf")])
+
+    def test_device_without_name_falls_back_to_index(self):
+        _, fams = self.render((REAL_UUID, "g", {"block.count": 1, "block.0.rd.bytes": 5}))
+        self.assertEqual(values(fams, "vm_disk_read_bytes_total", device="0"), [5])
+
+    def test_vanished_domains_keep_vm_up_zero_only(self):
+        _, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD),
+                              gone=[("11111111-2222-3333-4444-555555555555", "old")])
+        self.assertEqual(values(fams, "vm_up", name="old"), [0])
+        for name, fam in fams.items():
+            if name != "vm_up":
+                self.assertEqual(values(fams, name, name="old"), [], name)
+
+    def test_families_stay_contiguous_across_domains(self):
+        records = [("%08d-0000-0000-0000-000000000000" % i, "d%d" % i, REAL_RECORD)
+                   for i in range(5)]
+        _, fams = self.render(*records)   # parse_exposition fails on a split family
+        self.assertEqual(len(values(fams, "vm_vcpu_seconds_total")), 10)
+
+    def test_promtool_accepts_the_real_record_with_all_groups(self):
+        text, _ = self.render((REAL_UUID, "vadt-1", REAL_RECORD), collect=vadvisor.OPTIONAL_GROUPS)
+        promtool_check(self, text.encode("utf-8"))
+
+    def test_openmetrics_counter_type_drops_total(self):
+        text, fams = self.render((REAL_UUID, "vadt-1", REAL_RECORD), openmetrics=True)
+        self.assertIn("# TYPE vm_cpu_seconds counter\n", text)
+        self.assertIn("vm_cpu_seconds_total{", text)
+        self.assertIn("# TYPE vm_memory_bytes gauge\n", text)
+        self.assertTrue(text.endswith("# EOF\n"))
+
+    def test_unknown_lifecycle_codes_become_unknown(self):
+        self.assertEqual(vadvisor.event_names(2, 0), ("Started", "Booted"))
+        self.assertEqual(vadvisor.event_names(5, 3), ("Stopped", "Migrated"))
+        self.assertEqual(vadvisor.event_names(8, 1), ("Crashed", "Crashloaded"))
+        self.assertEqual(vadvisor.event_names(2, 99), ("Started", "Unknown"))
+        self.assertEqual(vadvisor.event_names(42, 0), ("Unknown", "Unknown"))
+        self.assertEqual(vadvisor.event_names(-1, None), ("Unknown", "Unknown"))
+
+
+class HistoryTests(unittest.TestCase):
+
+    def test_history_is_compact_and_expires(self):
+        table = vadvisor.MetricTable(collect=())
+        history = vadvisor.History(table, 60)
+        for i in range(70):
+            s = vadvisor.Sample(i, 1000.0 + i, 0.01, [(REAL_UUID, "vadt-1", REAL_RECORD)])
+            history.add(s)
+        records = history.get(REAL_UUID)[REAL_UUID]
+        self.assertEqual(len(records), 60)
+        self.assertEqual(records[0][0], 1010.0)
+        # every record shares one layout tuple; only numbers shown by JSON are kept
+        self.assertEqual(len(set(id(r[1]) for r in records)), 1)
+        keys, names = records[0][1]
+        self.assertIn("cpu.time", keys)
+        self.assertNotIn("vcpu.0.exits.sum", keys)
+        self.assertIn(("net.0.name", "vadt1"), names)
+        self.assertEqual(records[-1][2].typecode, "q")
+
+
+class ReadmeTests(unittest.TestCase):
+    """The README names every flag and every metric family the agent has."""
+
+    def setUp(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.readme = f.read()
+
+    def test_every_flag_is_documented(self):
+        help_text = subprocess.run([PY, AGENT, "--help"], stdout=subprocess.PIPE).stdout.decode()
+        flags = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
+        self.assertGreater(len(flags), 10)
+        for flag in flags:
+            self.assertIn("`%s" % flag, self.readme, flag)
+
+    def test_every_metric_family_is_documented(self):
+        for row in vadvisor.METRICS:
+            self.assertIn("`%s" % row.name, self.readme, row.name)
+        agent = vadvisor.Agent.__new__(vadvisor.Agent)
+        agent.sampler = vadvisor.Sampler(None, vadvisor.MetricTable(), 0)
+        agent.hypervisor = vadvisor.Hypervisor("test:///default")
+        for name, _, _, _ in agent.self_metrics(agent.sampler.latest):
+            self.assertIn("`%s" % name, self.readme, name)
+
+
+class SourceTests(unittest.TestCase):
+    """The product's fixed design, checked on the source."""
+
+    def setUp(self):
+        with open(AGENT, encoding="utf-8") as f:
+            self.source = f.read()
+        self.tree = ast.parse(self.source)
+
+    def test_libvirt_is_only_opened_read_only(self):
+        calls = [n.func.attr for n in ast.walk(self.tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                 and n.func.value.id == "libvirt" and n.func.attr.startswith("open")]
+        self.assertEqual(set(calls), {"openReadOnly"})
+
+    def test_imports_only_stdlib_and_libvirt(self):
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:
+            self.skipTest("needs Python 3.10+ to list the standard library")
+        for node in ast.walk(self.tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module.split(".")[0]]
+            for name in names:
+                self.assertTrue(name == "libvirt" or name in stdlib, name)
+
+    def test_shebang(self):
+        self.assertTrue(self.source.startswith("#!/usr/bin/python3\n"))
+
+
+# -----------------------------------------------------------------------------
+# the agent against libvirt's built-in test:///default driver
+# -----------------------------------------------------------------------------
+
+def needs_libvirt(testcase):
+    if libvirt is None:
+        testcase.skipTest("the libvirt binding is missing (python3-libvirt)")
+
+
+class TestDriverSamplerTests(unittest.TestCase):
+
+    def setUp(self):
+        needs_libvirt(self)
+        vadvisor.silence_libvirt()
+
+    def test_one_bulk_call_per_sample(self):
+        hv = vadvisor.Hypervisor("test:///default")
+        table = vadvisor.MetricTable(collect=())
+        sampler = vadvisor.Sampler(hv, table, vadvisor.stats_groups(()))
+        sample = sampler.sample()
+        sampler.sample()
+        self.assertEqual(sampler.calls_total, 2)
+        self.assertEqual([(u, n) for u, n, _ in sample.domains], [(TEST_UUID, "test")])
+        self.assertEqual(sample.domains[0][2]["state.state"], 1)
+        self.assertTrue(hv.up)
+        self.assertEqual(sampler.history.get(TEST_UUID)[TEST_UUID][-1][0], sampler.latest.time)
+
+    def test_unreachable_libvirt_raises_and_is_reported(self):
+        hv = vadvisor.Hypervisor("qemu+unix:///system?socket=/nonexistent/sock")
+        sampler = vadvisor.Sampler(hv, vadvisor.MetricTable(), 0)
+        with self.assertRaises(libvirt.libvirtError):
+            sampler.sample()
+        self.assertFalse(hv.up)
+
+
+class TestDriverAgentTests(unittest.TestCase):
+    """One agent on test:///default, shared by these tests."""
+
+    @classmethod
+    def setUpClass(cls):
+        if libvirt is None:
+            raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
+        cls.agent = Agent("--connect", "test:///default", "--interval", "0.2",
+                          "--client-timeout", "1", "--verbose")
+        wait_for(lambda: b'vm_up{' in cls.agent.get("/metrics")[2], 10)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop()
+
+    def test_metrics_content_type_and_body(self):
+        status, headers, body = self.agent.get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        fams = parse_exposition(self, body.decode())
+        self.assertEqual(values(fams, "vm_up", uuid=TEST_UUID, name="test"), [1])
+        self.assertEqual(values(fams, "vadvisor_libvirt_up"), [1])
+        self.assertEqual(values(fams, "vadvisor_domains"), [1])
+        info = fams["vadvisor_build_info"]["samples"][0][1]
+        self.assertEqual(info["version"], vadvisor.VERSION)
+        self.assertEqual(info["libvirt_version"], vadvisor.libvirt_version_string())
+        self.assertGreater(values(fams, "vadvisor_last_sample_timestamp_seconds")[0], time.time() - 60)
+        self.assertGreaterEqual(values(fams, "vadvisor_collect_duration_seconds")[0], 0)
+        promtool_check(self, body)
+
+    def test_openmetrics_when_asked(self):
+        status, headers, body = self.agent.get(
+            "/metrics", {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"],
+                         "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        fams = parse_exposition(self, body.decode(), openmetrics=True)
+        self.assertIn("vadvisor_samples", fams)
+        self.assertEqual(fams["vadvisor_samples"]["type"], "counter")
+
+    def test_gzip_when_accepted(self):
+        status, headers, body = self.agent.get("/metrics", {"Accept-Encoding": "gzip, deflate"})
+        self.assertEqual(headers.get("Content-Encoding"), "gzip")
+        text = gzip.decompress(body).decode()
+        parse_exposition(self, text)
+        self.assertIn("vadvisor_sample_age_seconds", text)   # the per-scrape tail
+        self.assertIn("vm_up{", text)                        # the cached sample part
+        # one gzip member, so every decoder (curl too) sees the whole body
+        self.assertEqual(body.count(b"\x1f\x8b\x08"), 1)
+        curl = shutil.which("curl")
+        if curl:
+            out = subprocess.run([curl, "-s", "--compressed", "http://127.0.0.1:%d/metrics"
+                                  % self.agent.port], stdout=subprocess.PIPE).stdout.decode()
+            self.assertIn("vadvisor_sample_age_seconds", out)
+            self.assertIn("vm_up{", out)
+
+    def test_head_has_no_body(self):
+        status, headers, body = self.agent.get("/metrics", method="HEAD")
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b"")
+        self.assertGreater(int(headers["Content-Length"]), 100)
+
+    def test_landing_page_links_every_endpoint(self):
+        status, headers, body = self.agent.get("/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        for path in ("/metrics", "/healthz", "/api/v1.0/stats/", "/api/v1.0/specs/",
+                     "/api/v1.0/events"):
+            self.assertIn(('href="%s"' % path).encode(), body)
+
+    def test_healthz(self):
+        status, headers, body = self.agent.get("/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        state = json.loads(body)
+        self.assertEqual(state["status"], "ok")
+        self.assertTrue(state["libvirt"]["connected"])
+        self.assertEqual(state["libvirt"]["uri"], "test:///default")
+        self.assertLess(state["sample_age_seconds"], 5)
+        self.assertEqual(state["domains"], 1)
+
+    def test_unknown_path_is_404_json(self):
+        for path in ("/nope", "/metrics/x", "/%ff%fe", "/api/v9/", "/metricsX", "/healthz/"):
+            status, headers, body = self.agent.get(path)
+            self.assertEqual(status, 404, path)
+            self.assertEqual(headers["Content-Type"], "application/json")
+            self.assertIn("error", json.loads(body))
+
+    def test_other_methods_are_405_with_allow(self):
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            status, headers, body = self.agent.get("/metrics", method=method)
+            self.assertEqual(status, 405, method)
+            self.assertEqual(headers["Allow"], "GET, HEAD")
+            self.assertIn("error", json.loads(body))
+
+    def test_protocol_errors_are_json(self):
+        answer = raw_request(self.agent.port, b"FOO /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 501"), answer[:40])
+        self.assertIn(b'{"error":', answer)
+        answer = raw_request(self.agent.port, b"GET /metrics HTTP/2.0\r\n\r\n")
+        self.assertIn(b" 505 ", answer[:20])
+        answer = raw_request(self.agent.port, b"garbage\r\n\r\n")
+        self.assertIn(b" 400 ", answer[:20])
+        self.assertIn(b'{"error":', answer)
+
+    def test_silent_client_is_dropped(self):
+        started = time.monotonic()
+        answer = raw_request(self.agent.port, b"", timeout=10)
+        self.assertEqual(answer, b"")
+        self.assertLess(time.monotonic() - started, 9)   # closed by the server, not us
+        self.assertEqual(self.agent.get("/healthz")[0], 200)
+
+    def test_request_log_escapes_control_characters(self):
+        raw_request(self.agent.port, b"GET /\x1b[31mred HTTP/1.0\r\n\r\n")
+        out = wait_for(lambda: "[31mred" in self.agent.output() and self.agent.output(), 5)
+        self.assertIn("\\x1b[31mred", out)
+        self.assertNotIn("\x1b", out)
+
+
+class CommandLineTests(unittest.TestCase):
+
+    def run_agent(self, *args, **kw):
+        return subprocess.run([PY, AGENT] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=kw.get("timeout", 30))
+
+    def test_version(self):
+        proc = self.run_agent("--version")
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(proc.stdout.decode().strip(), "vadvisor " + vadvisor.VERSION)
+
+    def test_help_names_every_flag(self):
+        out = self.run_agent("--help").stdout.decode()
+        for flag in ("--connect", "--listen", "--port", "--interval", "--history",
+                     "--down-minutes", "--collect", "--once", "--verbose", "--version",
+                     "--client-timeout"):
+            self.assertIn(flag, out)
+
+    def test_bad_flags_are_one_line_errors(self):
+        for args in (["--port", "99999"], ["--interval", "0"], ["--interval", "abc"],
+                     ["--collect", "bogus"], ["--down-minutes", "-1"], ["--nope"]):
+            proc = self.run_agent(*args)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertNotIn(b"Traceback", proc.stderr)
+            self.assertIn(b"error:", proc.stderr)
+
+    def test_once_prints_metrics(self):
+        needs_libvirt(self)
+        proc = self.run_agent("--once", "--connect", "test:///default")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        fams = parse_exposition(self, proc.stdout.decode())
+        self.assertEqual(values(fams, "vm_up", uuid=TEST_UUID), [1])
+
+    def test_once_unreachable_is_one_line_and_nonzero(self):
+        needs_libvirt(self)
+        proc = self.run_agent("--once", "--connect", "qemu+unix:///system?socket=/nonexistent/s")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertEqual(proc.stdout, b"")
+        err = proc.stderr.decode().strip()
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("cannot read libvirt", err)
+
+    def test_port_in_use_is_a_clear_error(self):
+        needs_libvirt(self)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            port = s.getsockname()[1]
+            proc = self.run_agent("--connect", "test:///default", "--listen", "127.0.0.1",
+                                  "--port", str(port))
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(b"cannot listen", proc.stderr)
+        self.assertNotIn(b"Traceback", proc.stderr)
+
+    def test_unreachable_libvirt_keeps_serving_and_logs_once(self):
+        needs_libvirt(self)
+        agent = Agent("--connect", "qemu+unix:///system?socket=/nonexistent/sock")
+        try:
+            time.sleep(3.5)      # retries after 1 and 2 seconds
+            status, _, body = agent.get("/metrics")
+            self.assertEqual(status, 200)
+            fams = parse_exposition(self, body.decode())
+            self.assertEqual(values(fams, "vadvisor_libvirt_up"), [0])
+            self.assertGreaterEqual(values(fams, "vadvisor_sample_errors_total")[0]
+                                    + values(fams, "vadvisor_libvirt_calls_total")[0], 0)
+            status, _, body = agent.get("/healthz")
+            self.assertEqual(status, 503)
+            self.assertFalse(json.loads(body)["libvirt"]["connected"])
+            self.assertIn("nonexistent", json.loads(body)["libvirt"]["error"])
+        finally:
+            agent.stop()
+        out = agent.output()
+        self.assertEqual(out.count("unreachable"), 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertNotIn("libvirt: ", out)     # libvirt's own stderr printing is silenced
+
+    def test_sigterm_exits_cleanly(self):
+        needs_libvirt(self)
+        agent = Agent("--connect", "test:///default")
+        started = time.monotonic()
+        self.assertEqual(agent.stop(), 0)
+        self.assertLess(time.monotonic() - started, 5)
+
+
+# -----------------------------------------------------------------------------
+# the agent against a real libvirtd with real QEMU/KVM guests
+# -----------------------------------------------------------------------------
+
+GUEST_XML = """<domain type='%(type)s'>
+  <name>%(name)s</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>%(vcpus)d</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='%(image)s'/><target dev='vda' bus='virtio'/></disk>
+    <interface type='ethernet'><target dev='%(tap)s' managed='yes'/><model type='virtio'/></interface>
+    <memballoon model='virtio'/>
+  </devices>
+</domain>
+"""
+
+
+class Bench(object):
+    """Real guests on the system libvirtd, driven over a read-write connection."""
+
+    conn = None
+
+    @classmethod
+    def require(cls):
+        if libvirt is None:
+            reason = "the libvirt binding is missing"
+        else:
+            try:
+                vadvisor.silence_libvirt()
+                cls.conn = cls.conn or libvirt.open(SYSTEM_URI)
+                return cls.conn
+            except libvirt.libvirtError as exc:
+                reason = "no libvirtd at %s (%s); run 'make testbed' as root" % (SYSTEM_URI, exc)
+        if REQUIRE_BENCH:
+            raise AssertionError(reason)
+        raise unittest.SkipTest(reason)
+
+    @classmethod
+    def clean(cls):
+        for dom in cls.conn.listAllDomains():
+            if dom.name().startswith(PREFIX):
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+        for name in os.listdir(IMAGES) if os.path.isdir(IMAGES) else ():
+            if name.startswith(PREFIX):
+                os.unlink(os.path.join(IMAGES, name))
+
+    @classmethod
+    def guest(cls, suffix, vcpus=2, start=True):
+        name = PREFIX + suffix
+        image = os.path.join(IMAGES, name + ".qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "32M"], check=True)
+        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        xml = GUEST_XML % {"type": "kvm" if kvm else "qemu", "name": name, "vcpus": vcpus,
+                           "image": image, "tap": ("vadt" + suffix)[:15]}
+        dom = cls.conn.defineXML(xml)
+        if start:
+            dom.create()
+        return dom
+
+
+def virsh_domstats(name):
+    out = subprocess.run(["virsh", "-c", SYSTEM_URI, "domstats", "--raw", name],
+                         stdout=subprocess.PIPE, check=True).stdout.decode()
+    stats = {}
+    for line in out.splitlines():
+        if "=" in line:
+            key, value = line.strip().split("=", 1)
+            stats[key] = value
+    return stats
+
+
+class RealLibvirtTests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        Bench.require()
+        Bench.clean()
+        cls.a = Bench.guest("a", vcpus=2)
+        cls.b = Bench.guest("b", vcpus=1)
+        cls.agent = Agent("--interval", "0.5", "--down-minutes", "0.05")
+        wait_for(lambda: b'name="vadt-b"' in cls.agent.get("/metrics")[2], 15)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop()
+        Bench.clean()
+
+    def fresh_metrics(self):
+        """Metrics from a sample taken after this call started."""
+        begun = time.time()
+
+        def newer():
+            fams = self.agent.metrics(self)
+            when = values(fams, "vadvisor_last_sample_timestamp_seconds")[0]
+            return fams if when > begun else None
+        fams = wait_for(newer, 10)
+        self.assertIsNotNone(fams, "no new sample within 10 s")
+        return fams
+
+    def test_values_agree_with_virsh_domstats(self):
+        for dom in (self.a, self.b):
+            name, uuid = dom.name(), dom.UUIDString()
+            virsh = virsh_domstats(name)
+            fams = self.fresh_metrics()
+            labels = {"uuid": uuid, "name": name}
+            self.assertEqual(values(fams, "vm_up", **labels), [1])
+            self.assertEqual(values(fams, "vm_vcpus", **labels), [int(virsh["vcpu.current"])])
+            self.assertEqual(values(fams, "vm_disk_capacity_bytes", device="vda", **labels),
+                             [int(virsh["block.0.capacity"])])
+            self.assertEqual(values(fams, "vm_disk_read_bytes_total", device="vda", **labels),
+                             [int(virsh["block.0.rd.bytes"])])
+            self.assertEqual(values(fams, "vm_memory_bytes", **labels),
+                             [int(virsh["balloon.current"]) * 1024])
+            cpu = values(fams, "vm_cpu_seconds_total", **labels)[0]
+            self.assertAlmostEqual(cpu, int(virsh["cpu.time"]) / 1e9, delta=1.0)
+            tap = virsh["net.0.name"]
+            self.assertEqual(len(values(fams, "vm_network_transmit_bytes_total",
+                                        interface=tap, **labels)), 1)
+            self.assertEqual(len(values(fams, "vm_vcpu_seconds_total", **labels)),
+                             int(virsh["vcpu.current"]))
+
+    def test_every_family_libvirt_provides_appears(self):
+        fams = self.fresh_metrics()
+        table = vadvisor.MetricTable(collect=())
+        virsh = virsh_domstats(self.a.name())
+        expected = set()
+        for key in virsh:
+            for target in table.targets(key):
+                if not virsh[key].lstrip("-").replace(".", "").isdigit():
+                    continue
+                expected.add(target.family.name)
+        self.assertGreater(len(expected), 35)
+        for name in expected:
+            self.assertTrue(values(fams, name, name=self.a.name()), name)
+
+    def test_promtool_is_clean_on_the_real_body(self):
+        status, _, body = self.agent.get("/metrics")
+        promtool_check(self, body)
+        proc = subprocess.run([PY, AGENT, "--once", "--collect", "all"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"vm_kvm_", proc.stdout)
+        self.assertIn(b"vm_vcpu_kvm_exits_total", proc.stdout)
+        promtool_check(self, proc.stdout)
+
+    def test_vm_up_follows_lifecycle_and_vanished_guest_keeps_zero(self):
+        dom = Bench.guest("c", vcpus=1)
+        uuid = dom.UUIDString()
+
+        def up_is(expected, state):
+            def check():
+                fams = self.agent.metrics(self)
+                return (values(fams, "vm_up", uuid=uuid) == [expected]
+                        and values(fams, "vm_state", uuid=uuid) == [state])
+            return wait_for(check, 10)
+        self.assertTrue(up_is(1, 1), "vm_up 1 when running")
+        dom.suspend()
+        self.assertTrue(up_is(0, 3), "vm_up 0 when paused")
+        dom.resume()
+        self.assertTrue(up_is(1, 1), "vm_up 1 after resume")
+        dom.destroy()
+        self.assertTrue(up_is(0, 5), "vm_up 0 when shut off")
+        dom.undefine()
+        vanished_at = time.monotonic()
+
+        def only_vm_up_left():
+            fams = self.agent.metrics(self)
+            others = [n for n in fams if n != "vm_up" and values(fams, n, uuid=uuid)]
+            return values(fams, "vm_up", uuid=uuid) == [0] and not others
+        self.assertTrue(wait_for(only_vm_up_left, 5), "vanished guest keeps only vm_up 0")
+        gone = wait_for(lambda: not values(self.agent.metrics(self), "vm_up", uuid=uuid), 15)
+        self.assertTrue(gone, "vm_up disappears after --down-minutes")
+        self.assertGreater(time.monotonic() - vanished_at, 2.0)   # 0.05 min = 3 s
+
+    def test_real_prometheus_scrapes_the_agent(self):
+        prometheus = shutil.which("prometheus")
+        if prometheus is None:
+            if REQUIRE_BENCH:
+                self.fail("prometheus is missing (apt-get install prometheus)")
+            self.skipTest("prometheus is missing (apt-get install prometheus)")
+        tmp = tempfile.mkdtemp(prefix="vadvisor-prom-")
+        port = free_port()
+        with open(os.path.join(tmp, "prometheus.yml"), "w") as f:
+            f.write("global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+                    "scrape_configs:\n- job_name: vadvisor\n  static_configs:\n"
+                    "  - targets: ['127.0.0.1:%d']\n" % self.agent.port)
+        proc = subprocess.Popen(
+            [prometheus, "--config.file", os.path.join(tmp, "prometheus.yml"),
+             "--storage.tsdb.path", os.path.join(tmp, "data"),
+             "--web.listen-address", "127.0.0.1:%d" % port],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def query(q):
+            url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (port, urllib.parse.quote(q))
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return json.loads(resp.read())["data"]["result"]
+            except (OSError, ValueError, KeyError):
+                return []
+        try:
+            up = wait_for(lambda: query('up{job="vadvisor"} == 1'), 30, 0.5)
+            self.assertTrue(up, "Prometheus never saw up == 1")
+            series = wait_for(lambda: query('vm_up{name=~"vadt-(a|b)"} == 1'), 15, 0.5)
+            self.assertEqual(sorted(s["metric"]["name"] for s in series), ["vadt-a", "vadt-b"])
+            cpu = query('vm_cpu_seconds_total{name="vadt-a"}')
+            self.assertEqual(len(cpu), 1)
+            self.assertGreater(float(cpu[0]["value"][1]), 0)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+
+class CountingResult(unittest.TextTestResult):
+    pass
+
+
+def main():
+    runner = unittest.TextTestRunner(verbosity=2, resultclass=CountingResult)
+    program = unittest.main(module=__name__, testRunner=runner, exit=False)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    passed = result.testsRun - failed - len(result.skipped) - len(result.expectedFailures)
+    print("%d passed, %d failed, %d skipped" % (passed, failed, len(result.skipped)))
+    return 1 if failed or result.testsRun == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1197 @@
+#!/usr/bin/python3
+"""vadvisor: a read-only monitoring agent for KVM/libvirt hypervisors.
+
+One file, the standard library and the libvirt binding.  It samples every
+domain with one bulk getAllDomainStats call per interval and serves:
+
+  /metrics              Prometheus text 0.0.4 or OpenMetrics 1.0
+  /api/v1.0/stats/      cAdvisor-like JSON with a minute of history
+  /api/v1.0/specs/      domain XML as JSON
+  /api/v1.0/events      lifecycle events: history and a live stream
+  /healthz              the agent's own state
+
+It optionally pushes the same values to StatsD.  libvirt is only ever opened
+read-only: the agent never changes a domain.
+"""
+
+import argparse
+import array
+import collections
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+import zlib
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import parse_qs, urlsplit, unquote
+
+try:
+    from http.server import ThreadingHTTPServer
+except ImportError:  # Python 3.6 has no ThreadingHTTPServer
+    import socketserver; ThreadingHTTPServer = type("ThreadingHTTPServer", (socketserver.ThreadingMixIn, HTTPServer), {})
+
+try:
+    import libvirt
+except ImportError:  # reported by main(); the formatters work without it
+    libvirt = None
+
+
+# =============================================================================
+# Constants and small helpers
+# =============================================================================
+
+VERSION = "0.1.0"
+log = logging.getLogger("vadvisor")
+
+DEFAULT_GROUPS = ("state", "cpu_total", "balloon", "vcpu", "interface", "block")
+OPTIONAL_GROUPS = ("perf", "iothread", "dirtyrate", "memory", "vm")
+
+# virDomainState, in libvirt's enum order; the JSON API names states this way.
+DOMAIN_STATES = ("NoState", "Running", "Blocked", "Paused", "Shutdown",
+                 "Shutoff", "Crashed", "PMSuspended")
+VCPU_STATES = ("Offline", "Running", "Blocked")
+
+# Lifecycle event types and their detail reasons, in libvirt's enum order
+# (libvirt 9.0).  Codes beyond these tables come from newer libvirt and are
+# reported as "Unknown".
+EVENT_TYPES = (
+    ("Defined", ("Added", "Updated", "Renamed", "FromSnapshot")),
+    ("Undefined", ("Removed", "Renamed")),
+    ("Started", ("Booted", "Migrated", "Restored", "FromSnapshot", "Wakeup")),
+    ("Suspended", ("Paused", "Migrated", "IOError", "Watchdog", "Restored",
+                   "FromSnapshot", "APIError", "Postcopy", "PostcopyFailed")),
+    ("Resumed", ("Unpaused", "Migrated", "FromSnapshot", "Postcopy",
+                 "PostcopyFailed")),
+    ("Stopped", ("Shutdown", "Destroyed", "Crashed", "Migrated", "Saved",
+                 "Failed", "FromSnapshot")),
+    ("Shutdown", ("Finished", "Guest", "Host")),
+    ("PMSuspended", ("Memory", "Disk")),
+    ("Crashed", ("Panicked", "Crashloaded")),
+)
+EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
+
+NUMBER_TYPES = (int, float, bool)
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+                     r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def enum_name(names, code):
+    """The name for a libvirt enum code; 'Unknown' for codes we do not know."""
+    if isinstance(code, int) and 0 <= code < len(names):
+        return names[code]
+    return "Unknown"
+
+
+def event_names(event, detail):
+    """(event_type, reason) for a lifecycle event's codes; never raises."""
+    if isinstance(event, int) and 0 <= event < len(EVENT_TYPES):
+        name, reasons = EVENT_TYPES[event]
+        return name, enum_name(reasons, detail)
+    return "Unknown", "Unknown"
+
+
+def rfc3339(timestamp):
+    """UTC time as RFC 3339 with milliseconds and a 'Z'."""
+    seconds = int(timestamp)
+    millis = int((timestamp - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+
+
+def escape_controls(text):
+    """Make control characters visible so a log line stays one line."""
+    return CONTROL_CHARS_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
+def libvirt_version_string():
+    if libvirt is None:
+        return "none"
+    v = libvirt.getVersion()
+    return "%d.%d.%d" % (v // 1000000, v // 1000 % 1000, v % 1000)
+
+
+def libvirt_constant(name):
+    """A libvirt constant, or 0 where an older binding lacks it."""
+    return getattr(libvirt, name, 0) if libvirt is not None else 0
+
+
+# =============================================================================
+# libvirt connection: read-only, reopened when it drops, event loop
+# =============================================================================
+
+def silence_libvirt():
+    """Without an error handler libvirt prints every error to stderr itself."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def start_event_loop():
+    """libvirt's default event loop in a daemon thread.
+
+    Must run before the first connection is opened, or that connection never
+    delivers events, keep-alives or close callbacks.
+    """
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run():
+        while True:
+            try:
+                libvirt.virEventRunDefaultImpl()
+            except Exception as exc:  # keep the loop alive whatever a callback did
+                log.warning("libvirt event loop: %s", exc)
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+    thread.start()
+    return thread
+
+
+class Hypervisor(object):
+    """The agent's one read-only libvirt connection.
+
+    Only the sampler thread opens, uses and drops it, so no lock is needed
+    around libvirt calls.  The close callback (event-loop thread) only marks
+    the connection broken; the sampler reopens it.
+    """
+
+    def __init__(self, uri, on_lifecycle=None, events=False):
+        self.uri = uri
+        self.on_lifecycle = on_lifecycle
+        self.events = events
+        self.conn = None
+        self.broken = False
+        self.error = "not connected yet"
+        self.up = None          # unknown until the first attempt, so that one is logged
+
+    def connection(self):
+        """The open connection, opening it if needed; raises libvirtError."""
+        if self.conn is not None and self.broken:
+            self.drop("connection closed by libvirt")
+        if self.conn is None:
+            self.broken = False
+            conn = libvirt.openReadOnly(self.uri)
+            self._watch(conn)
+            self.conn = conn
+            self._set_state(True, None)
+        return self.conn
+
+    def _watch(self, conn):
+        if not self.events:
+            return
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError:
+            pass  # local drivers such as test:/// have no keep-alive
+        try:
+            conn.registerCloseCallback(self._closed, None)
+        except libvirt.libvirtError:
+            pass
+        if self.on_lifecycle is not None:
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+
+    def _closed(self, _conn, _reason, _opaque):
+        self.broken = True
+
+    def _lifecycle(self, _conn, dom, event, detail, _opaque):
+        # Runs on the event-loop thread: name() and UUIDString() are local,
+        # so nothing here blocks on libvirtd.
+        try:
+            self.on_lifecycle(dom.name(), dom.UUIDString(), event, detail)
+        except Exception as exc:
+            log.warning("lifecycle event dropped: %s", exc)
+
+    def drop(self, reason):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+        self._set_state(False, reason)
+
+    def _set_state(self, up, error):
+        if up != self.up:
+            if up:
+                log.info("connected to libvirt at %s (read-only)", self.uri)
+            else:
+                log.warning("libvirt at %s unreachable: %s; retrying", self.uri, error)
+        self.up, self.error = up, error
+
+
+# =============================================================================
+# Sampler and history store
+# =============================================================================
+
+def stats_groups(collect):
+    """The getAllDomainStats group mask for the default plus opt-in groups."""
+    mask = 0
+    for group in DEFAULT_GROUPS + tuple(collect):
+        value = libvirt_constant("VIR_DOMAIN_STATS_" + group.upper())
+        if not value:
+            log.warning("stat group %r is not supported by this libvirt binding; skipped", group)
+        mask |= value
+    return mask
+
+
+class Sample(object):
+    """One bulk call's result: [(uuid, name, {flat key: value})]."""
+
+    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache")
+
+    def __init__(self, seq, when, duration, domains, gone=()):
+        self.seq = seq
+        self.time = when
+        self.duration = duration
+        self.domains = domains
+        self.gone = gone        # [(uuid, name)] of recently vanished domains
+        self.cache = {}         # rendered bodies, per format
+
+
+class History(object):
+    """The last --history seconds of samples per domain, stored compactly.
+
+    A domain's record is (time, layout, values): layout is a tuple of the
+    numeric keys the JSON API shows plus the device names, shared between
+    every record with the same keys; values is an array of machine numbers.
+    A minute of 1,000 domains so costs about one array per record instead
+    of a dict of boxed numbers.
+    """
+
+    def __init__(self, table, seconds):
+        self.table = table
+        self.seconds = seconds
+        self.records = {}       # uuid -> deque of (time, layout, values)
+        self.layouts = {}       # interning: equal layouts share one tuple
+        self.lock = threading.Lock()
+
+    def add(self, sample):
+        horizon = sample.time - self.seconds
+        rows = [(uuid, self.compact(stats)) for uuid, _name, stats in sample.domains]
+        with self.lock:
+            for uuid, (layout, values) in rows:
+                queue = self.records.get(uuid)
+                if queue is None:
+                    queue = self.records[uuid] = collections.deque()
+                queue.append((sample.time, layout, values))
+            for uuid in list(self.records):
+                queue = self.records[uuid]
+                while queue and queue[0][0] <= horizon:
+                    queue.popleft()
+                if not queue:
+                    del self.records[uuid]
+
+    def compact(self, stats):
+        keys, values, names = [], [], []
+        shown = self.table.json_key
+        for key, value in stats.items():
+            if type(value) is str:
+                if key.endswith(".name"):
+                    names.append((key, value))
+            elif shown(key):
+                keys.append(key)
+                values.append(value)
+        layout = (tuple(keys), tuple(names))
+        layout = self.layouts.setdefault(layout, layout)
+        if len(self.layouts) > 100000:  # bound the interning table, too
+            self.layouts.clear()
+        try:
+            packed = array.array("q", values)
+        except (TypeError, OverflowError):
+            packed = array.array("d", values)
+        return layout, packed
+
+    def get(self, uuid=None):
+        """{uuid: [(time, layout, values), ...]}, oldest first."""
+        with self.lock:
+            if uuid is None:
+                return {u: list(q) for u, q in self.records.items()}
+            queue = self.records.get(uuid)
+            return {uuid: list(queue)} if queue else {}
+
+
+class Sampler(object):
+    """The only thread that calls libvirt: one bulk stats call per sample.
+
+    Pacing rule: a sample starts --interval after the previous one started,
+    but never sooner than three times the previous sample's duration after it
+    ended, so the agent keeps libvirtd busy at most a quarter of the time.
+    While libvirt is unreachable it retries after 1, 2, 4 ... 30 seconds.
+    """
+
+    def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
+                 down_seconds=600, listeners=()):
+        self.hypervisor = hypervisor
+        self.table = table
+        self.groups = groups
+        self.flags = libvirt_constant("VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT")
+        self.interval = interval
+        self.down_seconds = down_seconds
+        self.history = History(table, history_seconds)
+        self.listeners = list(listeners)    # called with each new sample
+        self.latest = Sample(0, 0.0, 0.0, [])
+        self.gone = {}                      # uuid -> (name, vanished at)
+        self.samples_total = 0
+        self.errors_total = 0
+        self.calls_total = 0
+        self.backoff = 0
+        self.wakeup = threading.Event()
+        self.new_sample = threading.Condition()
+        self.stopping = threading.Event()
+        self.thread = None
+
+    # -- one sample --------------------------------------------------------
+    def sample(self):
+        """Take one sample; returns it, or raises libvirt.libvirtError."""
+        conn = self.hypervisor.connection()
+        started = time.time()
+        clock = time.monotonic()
+        self.calls_total += 1
+        try:
+            records = conn.getAllDomainStats(self.groups, self.flags)
+        except libvirt.libvirtError as exc:
+            self.errors_total += 1
+            if not self._alive(conn):
+                self.hypervisor.drop(str(exc))
+            raise
+        duration = time.monotonic() - clock
+        domains = [(dom.UUIDString(), dom.name(), stats) for dom, stats in records]
+        sample = Sample(self.latest.seq + 1, started, duration, domains,
+                        self._track_gone(domains, started))
+        self.publish(sample)
+        return sample
+
+    @staticmethod
+    def _alive(conn):
+        try:
+            return conn.isAlive() == 1
+        except libvirt.libvirtError:
+            return False
+
+    def _track_gone(self, domains, now):
+        """Remember vanished domains for --down-minutes (vm_up stays 0)."""
+        present = set(uuid for uuid, _, _ in domains)
+        for uuid, name, _ in self.latest.domains:
+            if uuid not in present:
+                self.gone[uuid] = (name, now)
+        for uuid in list(self.gone):
+            if uuid in present or now - self.gone[uuid][1] > self.down_seconds:
+                del self.gone[uuid]
+        return sorted((uuid, name) for uuid, (name, _) in self.gone.items())
+
+    def publish(self, sample):
+        self.history.add(sample)
+        with self.new_sample:
+            self.latest = sample
+            self.samples_total += 1
+            self.new_sample.notify_all()
+        for listener in self.listeners:
+            listener(sample)
+
+    # -- the loop ------------------------------------------------------------
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="sampler", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        self.wakeup.set()
+
+    def run(self):
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            try:
+                sample = self.sample()
+                self.backoff = 0
+                pause = max(self.interval - (time.monotonic() - began), 3 * sample.duration)
+            except libvirt.libvirtError as exc:
+                if self.hypervisor.up:
+                    self.hypervisor.drop(str(exc))
+                else:
+                    self.hypervisor._set_state(False, str(exc))
+                self.backoff = min(30, max(1, self.backoff * 2))
+                pause = self.backoff
+            except Exception as exc:  # never let the sampler thread die
+                log.warning("sample failed: %s", exc)
+                pause = max(self.interval, 1)
+            self.wakeup.wait(pause)
+            self.wakeup.clear()
+
+
+# =============================================================================
+# The metric table: the single source of every exported value
+# =============================================================================
+#
+# Each row: libvirt field pattern, Prometheus name, type, scale from libvirt's
+# unit to the base unit, labels beyond uuid and name, JSON place (with the
+# scale from libvirt's unit to the JSON unit), help text.
+#
+# Patterns: <cpu>, <interface>, <device>, <iothread>, <monitor> and <node>
+# stand for an index and become a label (interface, device and monitor take
+# the device's name, see NAMED_DEVICES); <stat> stands for a statistic's own name and is carried
+# into the Prometheus name, so one row maps a whole opt-in group.
+# JSON places: "a.b" is a key in the sample; "list[].key" is a key of one
+# device's entry in a list.  Units in JSON follow the original vAdvisor:
+# CPU times in ms, memory in KiB, disk times in ns, everything else as libvirt.
+
+COUNTER, GAUGE = "counter", "gauge"
+NS = 1e-9           # nanoseconds -> seconds
+KIB = 1024          # KiB -> bytes
+MIB = 1048576       # MiB -> bytes
+MS = 1e-6           # nanoseconds -> milliseconds (JSON)
+
+
+class Row(object):
+    __slots__ = ("field", "name", "type", "scale", "labels", "json", "json_scale",
+                 "help", "requires", "regex")
+
+    def __init__(self, field, name, mtype, scale, labels, json_place, help_text,
+                 json_scale=1, requires=None):
+        self.field, self.name, self.type, self.scale = field, name, mtype, scale
+        self.labels, self.json, self.json_scale = labels, json_place, json_scale
+        self.help, self.requires = help_text, requires
+        self.regex = compile_field(field)
+
+
+def compile_field(field):
+    """'net.<interface>.rx.bytes' -> a regex with a named group per placeholder."""
+    parts = re.split(r"<(\w+)>", field)
+    for i in range(1, len(parts), 2):
+        word = parts[i]
+        parts[i] = "(?P<stat>[A-Za-z0-9_-]+)" if word == "stat" else "(?P<%s>[0-9]+)" % word
+    for i in range(0, len(parts), 2):
+        parts[i] = re.escape(parts[i])
+    return re.compile("^" + "".join(parts) + "$")
+
+
+def R(*args, **kwargs):
+    return Row(*args, **kwargs)
+
+
+METRICS = (
+    # -- domain state -------------------------------------------------------
+    R("state.state", "vm_up", GAUGE, 1, (), None,
+      "1 when the domain is running, else 0; stays 0 for --down-minutes after the domain vanishes."),
+    R("state.state", "vm_state", GAUGE, 1, (), "state",
+      "libvirt domain state: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended."),
+    R("state.reason", "vm_state_reason", GAUGE, 1, (), "state_reason",
+      "libvirt's reason code for the current domain state."),
+    # -- CPU -----------------------------------------------------------------
+    R("cpu.time", "vm_cpu_seconds_total", COUNTER, NS, (), "cpu.usage.cpu_time",
+      "CPU time used by the domain (guest and emulator), in seconds.", MS),
+    R("cpu.user", "vm_cpu_user_seconds_total", COUNTER, NS, (), "cpu.usage.user_time",
+      "User-mode CPU time used by the domain's host process, in seconds.", MS),
+    R("cpu.system", "vm_cpu_system_seconds_total", COUNTER, NS, (), "cpu.usage.system_time",
+      "Kernel-mode CPU time used by the domain's host process, in seconds.", MS),
+    R("cpu.haltpoll.success.time", "vm_cpu_haltpoll_success_seconds_total", COUNTER, NS, (),
+      "cpu.haltpoll.success_time", "CPU time spent in successful halt polling, in seconds.", MS),
+    R("cpu.haltpoll.fail.time", "vm_cpu_haltpoll_fail_seconds_total", COUNTER, NS, (),
+      "cpu.haltpoll.fail_time", "CPU time spent in failed halt polling, in seconds.", MS),
+    R("vcpu.current", "vm_vcpus", GAUGE, 1, (), "cpu.vcpus", "Number of online vCPUs."),
+    R("vcpu.maximum", "vm_vcpus_maximum", GAUGE, 1, (), "cpu.vcpus_maximum",
+      "Maximum number of vCPUs."),
+    R("vcpu.<cpu>.state", "vm_vcpu_state", GAUGE, 1, ("cpu",), "cpu.per_cpu_usage[].state",
+      "vCPU state: 0 offline, 1 running, 2 blocked."),
+    R("vcpu.<cpu>.time", "vm_vcpu_seconds_total", COUNTER, NS, ("cpu",),
+      "cpu.per_cpu_usage[].vcpu_time", "Time the vCPU ran, in seconds.", MS),
+    R("vcpu.<cpu>.wait", "vm_vcpu_wait_seconds_total", COUNTER, NS, ("cpu",),
+      "cpu.per_cpu_usage[].wait_time", "Time the vCPU waited on I/O, in seconds.", MS),
+    R("vcpu.<cpu>.delay", "vm_vcpu_delay_seconds_total", COUNTER, NS, ("cpu",),
+      "cpu.per_cpu_usage[].delay_time",
+      "Time the vCPU was runnable but waited for a host CPU (steal time), in seconds.", MS),
+    R("vcpu.<cpu>.halted", "vm_vcpu_halted", GAUGE, 1, ("cpu",), "cpu.per_cpu_usage[].halted",
+      "1 when the vCPU is halted."),
+    # -- memory (balloon) ----------------------------------------------------
+    R("balloon.current", "vm_memory_bytes", GAUGE, KIB, (), "memory.actual",
+      "Memory currently assigned to the domain (balloon size), in bytes."),
+    R("balloon.maximum", "vm_memory_maximum_bytes", GAUGE, KIB, (), "memory.maximum",
+      "Maximum memory the domain may use, in bytes."),
+    R("balloon.rss", "vm_memory_rss_bytes", GAUGE, KIB, (), "memory.rss",
+      "Resident set size of the domain's host process, in bytes."),
+    R("balloon.usable", "vm_memory_usable_bytes", GAUGE, KIB, (), "memory.usable",
+      "Memory the guest can use without swapping (guest balloon driver), in bytes."),
+    R("balloon.available", "vm_memory_available_bytes", GAUGE, KIB, (), "memory.available",
+      "Memory the guest sees as available (guest balloon driver), in bytes."),
+    R("balloon.unused", "vm_memory_unused_bytes", GAUGE, KIB, (), "memory.unused",
+      "Memory left unused by the guest (guest balloon driver), in bytes."),
+    R("balloon.disk_caches", "vm_memory_disk_caches_bytes", GAUGE, KIB, (), "memory.disk_caches",
+      "Guest memory used for disk caches (guest balloon driver), in bytes."),
+    R("balloon.swap_in", "vm_memory_swap_in_bytes_total", COUNTER, KIB, (), "memory.swap_in",
+      "Memory the guest swapped in (guest balloon driver), in bytes."),
+    R("balloon.swap_out", "vm_memory_swap_out_bytes_total", COUNTER, KIB, (), "memory.swap_out",
+      "Memory the guest swapped out (guest balloon driver), in bytes."),
+    R("balloon.major_fault", "vm_memory_major_faults_total", COUNTER, 1, (), "memory.major_fault",
+      "Guest page faults that needed disk I/O (guest balloon driver)."),
+    R("balloon.minor_fault", "vm_memory_minor_faults_total", COUNTER, 1, (), "memory.minor_fault",
+      "Guest page faults served from memory (guest balloon driver)."),
+    R("balloon.hugetlb_pgalloc", "vm_memory_hugetlb_allocations_total", COUNTER, 1, (),
+      "memory.hugetlb_pgalloc", "Successful huge page allocations in the guest."),
+    R("balloon.hugetlb_pgfail", "vm_memory_hugetlb_failures_total", COUNTER, 1, (),
+      "memory.hugetlb_pgfail", "Failed huge page allocations in the guest."),
+    R("balloon.last-update", "vm_memory_stats_updated_timestamp_seconds", GAUGE, 1, (),
+      "memory.last_update", "When the guest last updated its balloon statistics, Unix time."),
+    # -- network -------------------------------------------------------------
+    R("net.<interface>.rx.bytes", "vm_network_receive_bytes_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].rx_bytes", "Bytes received by the interface."),
+    R("net.<interface>.rx.pkts", "vm_network_receive_packets_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].rx_packets", "Packets received by the interface."),
+    R("net.<interface>.rx.errs", "vm_network_receive_errors_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].rx_errors", "Receive errors on the interface."),
+    R("net.<interface>.rx.drop", "vm_network_receive_dropped_packets_total", COUNTER, 1,
+      ("interface",), "network.interfaces[].rx_dropped", "Received packets dropped on the interface."),
+    R("net.<interface>.tx.bytes", "vm_network_transmit_bytes_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].tx_bytes", "Bytes transmitted by the interface."),
+    R("net.<interface>.tx.pkts", "vm_network_transmit_packets_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].tx_packets", "Packets transmitted by the interface."),
+    R("net.<interface>.tx.errs", "vm_network_transmit_errors_total", COUNTER, 1, ("interface",),
+      "network.interfaces[].tx_errors", "Transmit errors on the interface."),
+    R("net.<interface>.tx.drop", "vm_network_transmit_dropped_packets_total", COUNTER, 1,
+      ("interface",), "network.interfaces[].tx_dropped",
+      "Transmitted packets dropped on the interface."),
+    # -- block devices ---------------------------------------------------------
+    R("block.<device>.rd.reqs", "vm_disk_read_requests_total", COUNTER, 1, ("device",),
+      "diskio[].rd_reqs", "Read requests completed by the disk."),
+    R("block.<device>.rd.bytes", "vm_disk_read_bytes_total", COUNTER, 1, ("device",),
+      "diskio[].rd_bytes", "Bytes read from the disk."),
+    R("block.<device>.rd.times", "vm_disk_read_seconds_total", COUNTER, NS, ("device",),
+      "diskio[].rd_times", "Time spent on reads, in seconds (JSON: ns)."),
+    R("block.<device>.wr.reqs", "vm_disk_write_requests_total", COUNTER, 1, ("device",),
+      "diskio[].wr_reqs", "Write requests completed by the disk."),
+    R("block.<device>.wr.bytes", "vm_disk_write_bytes_total", COUNTER, 1, ("device",),
+      "diskio[].wr_bytes", "Bytes written to the disk."),
+    R("block.<device>.wr.times", "vm_disk_write_seconds_total", COUNTER, NS, ("device",),
+      "diskio[].wr_times", "Time spent on writes, in seconds (JSON: ns)."),
+    R("block.<device>.fl.reqs", "vm_disk_flush_requests_total", COUNTER, 1, ("device",),
+      "diskio[].fl_reqs", "Flush requests completed by the disk."),
+    R("block.<device>.fl.times", "vm_disk_flush_seconds_total", COUNTER, NS, ("device",),
+      "diskio[].fl_times", "Time spent on flushes, in seconds (JSON: ns)."),
+    R("block.<device>.capacity", "vm_disk_capacity_bytes", GAUGE, 1, ("device",),
+      "diskio[].capacity", "Size of the disk as the guest sees it, in bytes."),
+    R("block.<device>.allocation", "vm_disk_allocation_bytes", GAUGE, 1, ("device",),
+      "diskio[].allocation", "Highest allocated offset in the disk image, in bytes."),
+    R("block.<device>.physical", "vm_disk_physical_bytes", GAUGE, 1, ("device",),
+      "diskio[].physical", "Size of the disk image on the host, in bytes."),
+    # -- opt-in groups (--collect), mapped by rule -------------------------------
+    R("dirtyrate.calc_status", "vm_dirtyrate_calc_status", GAUGE, 1, (), None,
+      "Dirty page rate measurement status: 0 unstarted, 1 measuring, 2 measured.", requires="dirtyrate"),
+    R("dirtyrate.calc_start_time", "vm_dirtyrate_calc_start_timestamp_seconds", GAUGE, 1, (), None,
+      "When the last dirty page rate measurement started, Unix time.", requires="dirtyrate"),
+    R("dirtyrate.calc_period", "vm_dirtyrate_calc_period_seconds", GAUGE, 1, (), None,
+      "Length of the last dirty page rate measurement, in seconds.", requires="dirtyrate"),
+    R("dirtyrate.megabytes_per_second", "vm_dirtyrate_bytes_per_second", GAUGE, MIB, (), None,
+      "Memory dirty rate of the domain, in bytes per second.", requires="dirtyrate"),
+    R("dirtyrate.vcpu.<cpu>.megabytes_per_second", "vm_vcpu_dirtyrate_bytes_per_second", GAUGE,
+      MIB, ("cpu",), None, "Memory dirty rate of the vCPU, in bytes per second.", requires="dirtyrate"),
+    R("iothread.count", "vm_iothreads", GAUGE, 1, (), None, "Number of I/O threads.", requires="iothread"),
+    R("iothread.<iothread>.<stat>", "vm_iothread_<stat>", GAUGE, 1, ("iothread",), None,
+      "I/O thread setting <stat> (libvirt iothread.N.<stat>).", requires="iothread"),
+    R("memory.bandwidth.monitor.<monitor>.node.<node>.bytes.local",
+      "vm_memory_bandwidth_local_bytes_total", COUNTER, 1, ("monitor", "node"), None,
+      "Memory bandwidth to the local NUMA node, per resctrl monitor and node.", requires="memory"),
+    R("memory.bandwidth.monitor.<monitor>.node.<node>.bytes.total",
+      "vm_memory_bandwidth_bytes_total", COUNTER, 1, ("monitor", "node"), None,
+      "Memory bandwidth to all NUMA nodes, per resctrl monitor and node.", requires="memory"),
+    R("perf.<stat>", "vm_perf_<stat>_total", COUNTER, 1, (), None,
+      "Perf event <stat> counted for the domain (libvirt perf.<stat>).", requires="perf"),
+    R("vm.<stat>.sum", "vm_kvm_<stat>_total", COUNTER, 1, (), None,
+      "KVM statistic <stat> of the domain (libvirt vm.<stat>.sum).", requires="vm"),
+    R("vm.<stat>.cur", "vm_kvm_<stat>", GAUGE, 1, (), None,
+      "KVM statistic <stat> of the domain (libvirt vm.<stat>.cur).", requires="vm"),
+    R("vm.<stat>.max", "vm_kvm_<stat>_max", GAUGE, 1, (), None,
+      "KVM statistic <stat> of the domain, its peak (libvirt vm.<stat>.max).", requires="vm"),
+    R("vcpu.<cpu>.<stat>.sum", "vm_vcpu_kvm_<stat>_total", COUNTER, 1, ("cpu",), None,
+      "KVM statistic <stat> of the vCPU (libvirt vcpu.N.<stat>.sum).", requires="vm"),
+    R("vcpu.<cpu>.<stat>.cur", "vm_vcpu_kvm_<stat>", GAUGE, 1, ("cpu",), None,
+      "KVM statistic <stat> of the vCPU (libvirt vcpu.N.<stat>.cur).", requires="vm"),
+    R("vcpu.<cpu>.<stat>.max", "vm_vcpu_kvm_<stat>_max", GAUGE, 1, ("cpu",), None,
+      "KVM statistic <stat> of the vCPU, its peak (libvirt vcpu.N.<stat>.max).", requires="vm"),
+)
+
+# Labels whose value is the device's name, found under this key, not its index.
+NAMED_DEVICES = {"interface": "net.%s.name", "device": "block.%s.name",
+                 "monitor": "memory.bandwidth.monitor.%s.name"}
+METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+class Family(object):
+    """One Prometheus metric family: name, type, help and its place in the output."""
+
+    __slots__ = ("name", "type", "help", "order")
+
+    def __init__(self, name, mtype, help_text, order):
+        self.name, self.type, self.help, self.order = name, mtype, help_text, order
+
+
+class Target(object):
+    """Where one libvirt key goes: a family plus its device labels and scales."""
+
+    __slots__ = ("family", "devices", "mul", "div", "json", "json_mul", "json_div", "row")
+
+    def __init__(self, row, family, devices, scale):
+        self.row, self.family, self.devices = row, family, devices
+        self.mul, self.div = split_scale(scale)
+        self.json = parse_json_place(row.json)
+        self.json_mul, self.json_div = split_scale(row.json_scale)
+
+
+def split_scale(scale):
+    """(multiplier, divisor): dividing by 1e9 is exact where * 1e-9 is not."""
+    if scale >= 1:
+        return scale, 0
+    return 1, float(round(1 / scale))
+
+
+def parse_json_place(place):
+    """'a.b' -> (None, ('a', 'b')); 'x.list[].key' -> (('x', 'list'), ('key',))."""
+    if place is None:
+        return None
+    if "[]." in place:
+        head, tail = place.split("[].")
+        return tuple(head.split(".")), tuple(tail.split("."))
+    return None, tuple(place.split("."))
+
+
+def kvm_stat_name(stat, scale):
+    """KVM and iothread stat names to Prometheus words; '*_ns' stats become seconds."""
+    stat = re.sub(r"[^a-zA-Z0-9_]", "_", stat)
+    if stat.endswith("_ns"):
+        return stat[:-3] + "_seconds", NS
+    return stat, scale
+
+
+class MetricTable(object):
+    """Resolves libvirt keys to their rows, once per distinct key."""
+
+    def __init__(self, rows=METRICS, collect=OPTIONAL_GROUPS):
+        self.rows = [r for r in rows if r.requires is None or r.requires in collect]
+        self.families = {}
+        self.cache = {}
+        for row in self.rows:
+            if "<stat>" not in row.name:
+                self._family(row.name, row.type, row.help)
+
+    def _family(self, name, mtype, help_text):
+        family = self.families.get(name)
+        if family is None:
+            family = Family(name, mtype, help_text, len(self.families))
+            self.families[name] = family
+        elif family.type != mtype:
+            return None
+        return family
+
+    def targets(self, key):
+        """The tuple of Targets for a libvirt key (empty for keys not exported)."""
+        found = self.cache.get(key)
+        if found is None:
+            if len(self.cache) > 200000:  # keys are bounded by devices; be safe anyway
+                self.cache.clear()
+            found = self.cache[key] = tuple(self._resolve(key))
+        return found
+
+    def _resolve(self, key):
+        for row in self.rows:
+            match = row.regex.match(key)
+            if match is None:
+                continue
+            groups = match.groupdict()
+            name, scale, help_text = row.name, row.scale, row.help
+            if "stat" in groups:
+                word, scale = kvm_stat_name(groups["stat"], scale)
+                name = name.replace("<stat>", word)
+                help_text = help_text.replace("<stat>", groups["stat"])
+                if not METRIC_NAME_RE.match(name):
+                    continue
+            family = self._family(name, row.type, help_text)
+            if family is None:
+                continue
+            devices = tuple(self._device(label, key, groups[label]) for label in row.labels)
+            yield Target(row, family, devices, scale)
+
+    @staticmethod
+    def _device(label, key, index):
+        """(label, key holding the device's name or None, index)."""
+        name_key = NAMED_DEVICES.get(label)
+        return label, name_key % index if name_key else None, index
+
+    def json_key(self, key):
+        """True when the key has a place in the JSON API (and so in history)."""
+        for target in self.targets(key):
+            if target.json is not None:
+                return True
+        return False
+
+
+# =============================================================================
+# Formatters: Prometheus text and OpenMetrics, JSON
+# =============================================================================
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def escape_label(value):
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def escape_help(text):
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_number(value):
+    """A sample value as the exposition formats spell it."""
+    if type(value) is float:
+        if value != value:
+            return "NaN"
+        if value in (math.inf, -math.inf):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(int(value))
+
+
+def scaled(value, mul, div):
+    if div:
+        return value / div
+    if mul != 1:
+        return value * mul
+    return value
+
+
+def family_header(family, openmetrics):
+    name = family.name
+    if openmetrics and family.type == COUNTER and name.endswith("_total"):
+        name = name[:-6]
+    return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(family.help), name, family.type)
+
+
+class PrometheusFormatter(object):
+    """Renders a sample; families stay contiguous however domains interleave."""
+
+    def __init__(self, table):
+        self.table = table
+        self.prefixes = {}      # (uuid, name) -> escaped 'uuid="..",name=".."'
+
+    def prefix(self, uuid, name):
+        key = (uuid, name)
+        found = self.prefixes.get(key)
+        if found is None:
+            if len(self.prefixes) > 100000:
+                self.prefixes.clear()
+            found = self.prefixes[key] = 'uuid="%s",name="%s"' % (escape_label(uuid),
+                                                                  escape_label(name))
+        return found
+
+    def series(self, sample):
+        """{family: [line, ...]} for every domain of the sample."""
+        buckets = collections.defaultdict(list)
+        targets = self.table.targets
+        vm_up = self.table.families["vm_up"]
+        for uuid, name, stats in sample.domains:
+            prefix = self.prefix(uuid, name)
+            for key, value in stats.items():
+                if type(value) not in NUMBER_TYPES:
+                    continue
+                for t in targets(key):
+                    number = value
+                    if t.family is vm_up:
+                        number = 1 if value == 1 else 0
+                    labels = prefix
+                    for label, name_key, index in t.devices:
+                        device = stats.get(name_key, index) if name_key else index
+                        labels += ',%s="%s"' % (label, escape_label(str(device)))
+                    buckets[t.family].append("%s{%s} %s\n" % (
+                        t.family.name, labels, format_number(scaled(number, t.mul, t.div))))
+        for uuid, name in sample.gone:
+            buckets[vm_up].append("vm_up{%s} 0\n" % self.prefix(uuid, name))
+        return buckets
+
+    def render(self, sample, openmetrics=False):
+        """The exposition text for a sample's domains, without '# EOF'."""
+        buckets = self.series(sample)
+        parts = []
+        for family in sorted(buckets, key=lambda f: f.order):
+            parts.append(family_header(family, openmetrics))
+            parts.extend(buckets[family])
+        return "".join(parts)
+
+
+def render_families(families, openmetrics=False):
+    """Text for small families given as [(name, type, help, [(labels, value)])]."""
+    parts = []
+    for name, mtype, help_text, samples in families:
+        parts.append(family_header(Family(name, mtype, help_text, 0), openmetrics))
+        for labels, value in samples:
+            text = ",".join('%s="%s"' % (k, escape_label(str(v))) for k, v in labels)
+            parts.append("%s%s %s\n" % (name, "{%s}" % text if text else "",
+                                         format_number(value)))
+    return "".join(parts)
+
+
+# =============================================================================
+# HTTP handler and routes
+# =============================================================================
+
+class Agent(object):
+    """Everything the HTTP handler needs, wired together by main()."""
+
+    def __init__(self, args, hypervisor, sampler, formatter):
+        self.args = args
+        self.hypervisor = hypervisor
+        self.sampler = sampler
+        self.formatter = formatter
+        self.started = time.time()
+        self.render_lock = threading.Lock()
+
+    def metrics_body(self, openmetrics, want_gzip):
+        """The /metrics body: the sample's part is rendered (and compressed) once.
+
+        For gzip the cached part is a compressor that has consumed the sample's
+        text; each scrape copies it and appends the self metrics, so the answer
+        is one gzip stream for the price of compressing a few lines.
+        """
+        sample = self.sampler.latest
+        key = (openmetrics, want_gzip)
+        cached = sample.cache.get(key)
+        if cached is None:
+            with self.render_lock:  # concurrent scrapes render a sample once
+                cached = sample.cache.get(key)
+                if cached is None:
+                    cached = self.formatter.render(sample, openmetrics).encode("utf-8")
+                    if want_gzip:
+                        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+                        cached = (compressor.compress(cached), compressor)
+                    sample.cache[key] = cached
+        tail = render_families(self.self_metrics(sample), openmetrics)
+        if openmetrics:
+            tail += "# EOF\n"
+        tail = tail.encode("utf-8")
+        if not want_gzip:
+            return cached + tail
+        head, compressor = cached
+        compressor = compressor.copy()
+        return head + compressor.compress(tail) + compressor.flush()
+
+    def self_metrics(self, sample):
+        now = time.time()
+        s = self.sampler
+        fams = [
+            ("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
+             [((("version", VERSION), ("python_version", platform.python_version()),
+                ("libvirt_version", libvirt_version_string())), 1)]),
+            ("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
+             [((), 1 if self.hypervisor.up else 0)]),
+            ("vadvisor_domains", GAUGE, "Domains in the latest sample.",
+             [((), len(sample.domains))]),
+            ("vadvisor_collect_duration_seconds", GAUGE,
+             "Duration of the latest getAllDomainStats call.", [((), sample.duration)]),
+            ("vadvisor_last_sample_timestamp_seconds", GAUGE,
+             "When the latest sample was taken, Unix time (0: none yet).", [((), sample.time)]),
+            ("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
+             [((), now - sample.time if sample.time else -1.0)]),
+            ("vadvisor_samples_total", COUNTER, "Samples taken.", [((), s.samples_total)]),
+            ("vadvisor_libvirt_calls_total", COUNTER, "getAllDomainStats calls made.",
+             [((), s.calls_total)]),
+            ("vadvisor_sample_errors_total", COUNTER, "Samples that failed with a libvirt error.",
+             [((), s.errors_total)]),
+        ]
+        return fams
+
+    def health(self):
+        sample = self.sampler.latest
+        age = time.time() - sample.time if sample.time else None
+        fresh = age is not None and age <= max(3 * self.args.interval, 10)
+        ok = self.hypervisor.up and fresh
+        return ok, {
+            "status": "ok" if ok else "degraded",
+            "version": VERSION,
+            "libvirt": {"uri": self.hypervisor.uri, "connected": self.hypervisor.up,
+                        "error": None if self.hypervisor.up else self.hypervisor.error},
+            "sample_age_seconds": None if age is None else round(age, 3),
+            "sample_duration_seconds": round(sample.duration, 6),
+            "domains": len(sample.domains),
+            "uptime_seconds": round(time.time() - self.started, 3),
+        }
+
+
+class HTTPError(Exception):
+    def __init__(self, status, message, headers=()):
+        Exception.__init__(self, message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+LANDING_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>vadvisor</title></head>
+<body><h1>vadvisor %s</h1>
+<p>Read-only monitoring agent for libvirt at <code>%s</code>.</p>
+<ul>
+<li><a href="/metrics">/metrics</a> Prometheus metrics</li>
+<li><a href="/healthz">/healthz</a> agent health</li>
+<li><a href="/api/v1.0/stats/">/api/v1.0/stats/</a> VM stats with history</li>
+<li><a href="/api/v1.0/specs/">/api/v1.0/specs/</a> VM specifications</li>
+<li><a href="/api/v1.0/events">/api/v1.0/events</a> lifecycle events</li>
+</ul></body></html>
+"""
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "vadvisor/" + VERSION
+    protocol_version = "HTTP/1.1"
+    timeout = 10                # a client that connects and sends nothing is dropped
+    agent = None                # set on the subclass main() builds
+
+    # -- plumbing --------------------------------------------------------------
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), escape_controls(fmt % args))
+
+    def log_request(self, code="-", size="-"):
+        log.debug("%s \"%s\" %s %s", self.address_string(),
+                  escape_controls(getattr(self, "requestline", "")), code, size)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by BaseHTTPRequestHandler itself, answered as JSON."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or self.responses.get(code, ("",))[0]})
+        except OSError:
+            pass
+
+    def send_body(self, status, content_type, body, headers=()):
+        if self.request_version == "HTTP/0.9":  # errors found before the version was read
+            self.request_version = "HTTP/1.0"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, obj, headers=()):
+        body = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
+        self.send_body(status, "application/json", body, headers)
+
+    # -- methods -----------------------------------------------------------------
+    def do_GET(self):
+        try:
+            self.route()
+        except HTTPError as err:
+            self.send_json(err.status, {"error": err.message}, err.headers)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    do_HEAD = do_GET
+
+    def refuse_method(self):
+        self.send_json(405, {"error": "method %s not allowed" % self.command},
+                       [("Allow", "GET, HEAD")])
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
+
+    # -- routes --------------------------------------------------------------------
+    def route(self):
+        path, query = split_target(self.path)
+        if path == "/":
+            self.send_body(200, "text/html; charset=utf-8",
+                           (LANDING_PAGE % (VERSION, self.agent.hypervisor.uri)).encode("utf-8"))
+        elif path == "/metrics":
+            self.metrics()
+        elif path == "/healthz":
+            ok, state = self.agent.health()
+            self.send_json(200 if ok else 503, state)
+        else:
+            raise HTTPError(404, "no such endpoint: %s" % path)
+
+    def metrics(self):
+        accept = self.headers.get("Accept", "")
+        openmetrics = "application/openmetrics-text" in accept
+        want_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
+        body = self.agent.metrics_body(openmetrics, want_gzip)
+        headers = [("Content-Encoding", "gzip")] if want_gzip else []
+        headers.append(("Vary", "Accept, Accept-Encoding"))
+        self.send_body(200, OPENMETRICS_TYPE if openmetrics else PROMETHEUS_TYPE, body, headers)
+
+
+def split_target(target):
+    """(path, query) of a request target; '//x' is a path, not a host."""
+    if target.startswith(("http://", "https://")):  # absolute form
+        url = urlsplit(target)
+        return url.path or "/", url.query
+    path, _, query = target.partition("?")
+    return path.partition("#")[0], query
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            try:  # one socket for IPv4 and IPv6
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        # HTTPServer.server_bind would look up our own name in DNS; skip that.
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            log.debug("client %s went away: %s", client_address[0], exc)
+        else:
+            log.warning("request from %s failed: %r", client_address[0], exc)
+
+
+def make_server(listen, port, handler):
+    """A server on ADDR:PORT; the default '' means every IPv4 and IPv6 address."""
+    if listen in ("", "::"):
+        try:
+            Server.address_family = socket.AF_INET6
+            return Server(("::", port), handler)
+        except OSError:  # no IPv6 on this host
+            Server.address_family = socket.AF_INET
+            return Server(("0.0.0.0", port), handler)
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    server_class = type("BoundServer", (Server,), {"address_family": family})
+    return server_class((listen.strip("[]"), port), handler)
+
+
+# =============================================================================
+# CLI and main()
+# =============================================================================
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="vadvisor", description="Read-only monitoring agent for KVM/libvirt hypervisors.")
+    p.add_argument("--connect", metavar="URI", default="qemu:///system",
+                   help="libvirt URI, always opened read-only (default: %(default)s)")
+    p.add_argument("--listen", metavar="ADDR", default="",
+                   help="address to listen on (default: every IPv4 and IPv6 address)")
+    p.add_argument("--port", type=port_number, default=8181,
+                   help="HTTP port (default: %(default)s)")
+    p.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
+                   help="sampling period (default: %(default)s)")
+    p.add_argument("--history", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="how long the JSON API keeps samples (default: %(default)s)")
+    p.add_argument("--down-minutes", type=non_negative_float, default=10.0, metavar="M",
+                   help="how long a vanished domain keeps vm_up 0 (default: %(default)s)")
+    p.add_argument("--collect", type=collect_groups, default=(), metavar="GROUPS",
+                   help="extra stat groups, comma-separated: %s, or all" % ",".join(OPTIONAL_GROUPS))
+    p.add_argument("--client-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                   help="drop an HTTP client that sends nothing for this long (default: %(default)s)")
+    p.add_argument("--once", action="store_true",
+                   help="take one sample, print it as Prometheus text and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--version", action="version", version="vadvisor " + VERSION)
+    return p.parse_args(argv)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    return value
+
+
+def non_negative_float(text):
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return positive_float(text)
+
+
+def port_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port %d is out of range 0-65535" % value)
+    return value
+
+
+def collect_groups(text):
+    groups = [g.strip().lower() for g in text.split(",") if g.strip()]
+    if groups == ["all"]:
+        return OPTIONAL_GROUPS
+    unknown = [g for g in groups if g not in OPTIONAL_GROUPS]
+    if unknown:
+        raise argparse.ArgumentTypeError("unknown group %s; choose from %s or all"
+                                         % (", ".join(unknown), ", ".join(OPTIONAL_GROUPS)))
+    return tuple(groups)
+
+
+def setup_logging(verbose):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def run_once(args, table):
+    hypervisor = Hypervisor(args.connect)
+    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval)
+    try:
+        sample = sampler.sample()
+    except libvirt.libvirtError as exc:
+        sys.stderr.write("vadvisor: cannot read libvirt at %s: %s\n" % (args.connect, exc))
+        return 1
+    sys.stdout.write(PrometheusFormatter(table).render(sample))
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    if libvirt is None:
+        sys.stderr.write("vadvisor: the libvirt Python binding is missing "
+                         "(install python3-libvirt)\n")
+        return 1
+    silence_libvirt()
+    table = MetricTable(collect=args.collect)
+    if args.once:
+        return run_once(args, table)
+
+    start_event_loop()
+    hypervisor = Hypervisor(args.connect, events=True)
+    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
+                      args.history, args.down_minutes * 60)
+    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table))
+    handler = type("AgentHandler", (Handler,), {"agent": agent, "timeout": args.client_timeout})
+    try:
+        server = make_server(args.listen, args.port, handler)
+    except OSError as exc:
+        sys.stderr.write("vadvisor: cannot listen on %s:%d: %s\n"
+                         % (args.listen or "*", args.port, exc.strerror or exc))
+        return 1
+    sampler.start()
+    stop = threading.Event()
+
+    def shutdown(signum, _frame):
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    log.info("vadvisor %s listening on port %d, libvirt %s",
+             VERSION, server.server_address[1], args.connect)
+    server.serve_forever(poll_interval=0.5)
+    sampler.stop()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
