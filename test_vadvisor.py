@@ -28,6 +28,7 @@ import time
 import unittest
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ElementTree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.dont_write_bytecode = True      # keep the checkout clean
@@ -198,6 +199,73 @@ def wait_for(predicate, timeout, interval=0.1):
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
+
+
+class StreamClient(object):
+    """A raw client of /api/v1.0/events?stream=true, NDJSON or SSE, chunked or not."""
+
+    def __init__(self, port, query="stream=true", headers=(), version="HTTP/1.1"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        head = "".join("%s: %s\r\n" % h for h in headers)
+        self.sock.sendall(("GET /api/v1.0/events?%s %s\r\nHost: t\r\n%s\r\n"
+                           % (query, version, head)).encode())
+        self.file = self.sock.makefile("rb")
+        self.status = int(self.file.readline().split()[1])
+        self.headers = {}
+        while True:
+            line = self.file.readline().decode().strip()
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+        self.text = ""
+        self.ended = False
+
+    def _read(self, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            if self.chunked:
+                size = int(self.file.readline().strip() or b"0", 16)
+                data = self.file.read(size)
+                self.file.readline()
+                if size == 0:
+                    self.ended = True
+            else:
+                data = self.file.read1(65536) if hasattr(self.file, "read1") else self.file.read(1)
+                if not data:
+                    self.ended = True
+            self.text += data.decode("utf-8")
+        except (socket.timeout, ValueError):
+            pass
+
+    def until(self, predicate, timeout):
+        """Read until predicate(text) holds, the stream ends or timeout passes."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text) and not self.ended:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._read(left)
+        return predicate(self.text)
+
+    def events(self):
+        """Events received so far (SSE: with their id: lines checked)."""
+        if self.headers.get("content-type") == "text/event-stream":
+            found = []
+            for message in self.text.split("\n\n"):
+                fields = dict(l.split(": ", 1) for l in message.split("\n") if ": " in l
+                              and not l.startswith(":"))
+                if "data" in fields and "event" not in fields:
+                    event = json.loads(fields["data"])
+                    assert int(fields["id"]) == event["id"], message
+                    found.append(event)
+            return found
+        return [json.loads(l) for l in self.text.split("\n") if l.strip()]
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
 
 
 class Agent(object):
@@ -480,6 +548,193 @@ class HistoryTests(unittest.TestCase):
         self.assertEqual(records[-1][2].typecode, "q")
 
 
+# -----------------------------------------------------------------------------
+# JSON API building blocks: samples, specs, times, the event hub
+# -----------------------------------------------------------------------------
+
+class JsonSampleTests(unittest.TestCase):
+
+    def sample(self, stats):
+        table = vadvisor.MetricTable(collect=())
+        history = vadvisor.History(table, 60)
+        return vadvisor.json_sample(table, 1700000000.25, *history.compact(stats))
+
+    def test_original_keys_and_units(self):
+        r = REAL_RECORD
+        s = self.sample(r)
+        self.assertEqual(s["timestamp"], "2023-11-14T22:13:20.250Z")
+        self.assertEqual(s["state"], "Running")
+        self.assertEqual(s["cpu"]["usage"]["cpu_time"], r["cpu.time"] / 1e6)
+        self.assertEqual(s["cpu"]["usage"]["user_time"], r["cpu.user"] / 1e6)
+        self.assertEqual(s["cpu"]["usage"]["system_time"], r["cpu.system"] / 1e6)
+        self.assertEqual([c["index"] for c in s["cpu"]["per_cpu_usage"]], [0, 1])
+        self.assertEqual(s["cpu"]["per_cpu_usage"][1]["vcpu_time"], r["vcpu.1.time"] / 1e6)
+        self.assertEqual(s["cpu"]["per_cpu_usage"][0]["state"], "Running")
+        self.assertEqual(s["memory"]["actual"], r["balloon.current"])      # KiB
+        self.assertEqual(s["memory"]["rss"], r["balloon.rss"])
+        iface = s["network"]["interfaces"][0]
+        self.assertEqual(iface["name"], "vadt1")
+        self.assertEqual(iface["rx_bytes"], r["net.0.rx.bytes"])
+        self.assertEqual(iface["rx_dropped"], r["net.0.rx.drop"])
+        disk = s["diskio"][0]
+        self.assertEqual(disk["name"], "vda")
+        self.assertEqual(disk["capacity"], r["block.0.capacity"])
+        self.assertEqual(disk["rd_times"], r["block.0.rd.times"])           # ns, as libvirt
+        self.assertNotIn("vcpu.0.exits.sum", json.dumps(s))
+        json.dumps(s, allow_nan=False)
+
+    def test_missing_values_are_absent_and_odd_ones_are_valid_json(self):
+        s = self.sample({"state.state": 42, "balloon.rss": float("nan"), "cpu.time": 5})
+        self.assertEqual(s["state"], "Unknown")
+        self.assertIsNone(s["memory"]["rss"])
+        self.assertNotIn("network", s)
+        self.assertNotIn("diskio", s)
+        json.dumps(s, allow_nan=False)
+
+    def test_devices_are_ordered_by_index(self):
+        stats = {"block.count": 11}
+        for i in range(11):
+            stats["block.%d.name" % i] = "vd%s" % chr(97 + i)
+            stats["block.%d.rd.bytes" % i] = i
+        s = self.sample(stats)
+        self.assertEqual([d["rd_bytes"] for d in s["diskio"]], list(range(11)))
+
+
+class SpecJsonTests(unittest.TestCase):
+
+    def test_rules(self):
+        xml = """<domain type='kvm' id='3'>
+          <name>vm1</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>
+          <memory unit='KiB'>1048576</memory><currentMemory unit='KiB'>524288</currentMemory>
+          <vcpu placement='static'>2</vcpu>
+          <os firmware='efi'><type arch='x86_64'>hvm</type><boot dev='hd'/><boot dev='cdrom'/>
+            <firmware><feature enabled='no' name='secure-boot'/></firmware></os>
+          <description>a "quoted" &amp; odd
+text</description>
+          <!-- a comment -->
+          <devices>
+            <disk type='file' device='disk'><target dev='vda' bus='virtio'/></disk>
+            <interface type='ethernet'><target dev='vnet0'/></interface>
+            <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
+            <graphics type='vnc' port='5900' autoport='yes'/>
+            <controller type='usb' index='0'/>
+          </devices>
+          <entry value='attr'>text</entry>
+        </domain>"""
+        spec = vadvisor.domain_spec(xml)
+        self.assertEqual(spec["type"], "kvm")
+        self.assertEqual(spec["id"], "3")
+        self.assertEqual(spec["name"], {"value": "vm1"})
+        self.assertEqual(spec["memory"], {"unit": "KiB", "value": 1048576})
+        self.assertEqual(spec["currentMemory"]["value"], 524288)
+        self.assertEqual(spec["vcpu"], {"placement": "static", "value": "2"})
+        self.assertEqual(spec["os"]["boot"], [{"dev": "hd"}, {"dev": "cdrom"}])   # repeated: list
+        self.assertEqual(spec["os"]["firmware"], "efi")                           # attribute
+        self.assertEqual(spec["os"]["firmware_element"]["feature"]["name"], "secure-boot")
+        self.assertEqual(spec["description"]["value"], 'a "quoted" & odd\ntext')
+        self.assertEqual([d["family"] for d in spec["devices"]],
+                         ["disk", "interface", "disk", "graphics", "controller"])
+        self.assertEqual(spec["devices"][2]["target"]["dev"], "sda")
+        self.assertEqual(spec["devices"][3]["port"], 5900)
+        self.assertEqual(spec["devices"][4]["index"], 0)
+        self.assertEqual(spec["entry"], {"value": "attr", "value_text": "text"})
+
+
+class IsoTimeTests(unittest.TestCase):
+
+    def test_forms(self):
+        t = 1700000000
+        for text in ("2023-11-14T22:13:20Z", "2023-11-14T22:13:20", "2023-11-14 22:13:20",
+                     "2023-11-14T23:13:20+01:00", "2023-11-14T21:13:20-0100",
+                     "2023-11-14T22:13:20.000Z", "2023-11-14t22:13:20z".upper()):
+            self.assertEqual(vadvisor.iso_time(text), t, text)
+        self.assertEqual(vadvisor.iso_time("2023-11-14T22:13:20.5Z"), t + 0.5)
+        self.assertEqual(vadvisor.iso_time("2023-11-14"), t - (22 * 3600 + 13 * 60 + 20))
+
+    def test_garbage(self):
+        for text in ("", "yesterday", "2023-13-01", "2023-02-30T00:00:00", "12345",
+                     "2023-11-14T25:00:00", "2023-11-14T22:13:20+5"):
+            with self.assertRaises(ValueError, msg=text):
+                vadvisor.iso_time(text)
+
+
+class EventHubTests(unittest.TestCase):
+
+    def test_history_filters(self):
+        hub = vadvisor.EventHub()
+        for event, detail in ((0, 0), (2, 0), (3, 0), (4, 0), (5, 1), (1, 0), (99, 7)):
+            hub.publish("vm", TEST_UUID, event, detail)
+        every = hub.history(vadvisor.EventFilter(), -1)
+        self.assertEqual([(e.id, e.type) for e in every],
+                         [(1, "Defined"), (2, "Started"), (3, "Suspended"), (4, "Resumed"),
+                          (5, "Stopped"), (6, "Undefined"), (7, "Unknown")])
+        line = json.loads(every[4].json)
+        self.assertEqual(line["reason"], "Destroyed")
+        self.assertEqual(list(line), ["id", "domain_name", "domain_id", "timestamp",
+                                      "event_type", "reason"])
+        self.assertEqual([e.id for e in hub.history(vadvisor.EventFilter(), 2)], [1, 2])
+        self.assertEqual([e.id for e in hub.history(vadvisor.EventFilter(since=5), -1)], [6, 7])
+        only = vadvisor.EventFilter(only={"Started", "Stopped"})
+        self.assertEqual([e.type for e in hub.history(only, -1)], ["Started", "Stopped"])
+        not_defined = vadvisor.EventFilter(excluded={"Defined"})
+        self.assertEqual(len(hub.history(not_defined, -1)), 6)
+        future = vadvisor.EventFilter(start=time.time() + 60)
+        self.assertEqual(hub.history(future, -1), [])
+        past = vadvisor.EventFilter(end=time.time() - 60)
+        self.assertEqual(hub.history(past, -1), [])
+
+    def test_storm_stays_bounded_and_slow_clients_get_a_gap(self):
+        hub = vadvisor.EventHub(max_events=1000, queue_limit=500)
+        fast = hub.subscribe(vadvisor.EventFilter(), None)[0]
+        slow = hub.subscribe(vadvisor.EventFilter(), None)[0]
+        received = []
+        done = threading.Event()
+
+        def read_fast():
+            while not done.is_set() or fast.queue:
+                batch, overflowed, _ = hub.next(fast, 0.05)
+                self.assertFalse(overflowed)
+                received.extend(e.id for e in batch)
+        reader = threading.Thread(target=read_fast)
+        reader.start()
+        for i in range(10000):
+            hub.publish("vm%d" % i, TEST_UUID, i % 9, 0)
+            if i % 400 == 399:
+                time.sleep(0.002)   # let the fast reader run, as a network client would
+        done.set()
+        reader.join(10)
+        self.assertEqual(received, list(range(1, 10001)))          # all, in order
+        self.assertEqual(len(hub.events), 1000)                    # history bound
+        batch, overflowed, _ = hub.next(slow, 0)
+        self.assertTrue(overflowed)
+        self.assertEqual(len(batch), 500)
+        self.assertIn("reconnect with since=500", vadvisor.gap_marker(500, False))
+
+    def test_replay_then_live_without_gaps_or_duplicates(self):
+        hub = vadvisor.EventHub()
+        for _ in range(5):
+            hub.publish("vm", TEST_UUID, 2, 0)
+        sub, backlog = hub.subscribe(vadvisor.EventFilter(), vadvisor.EventFilter(since=2))
+        hub.publish("vm", TEST_UUID, 5, 0)
+        batch, _, _ = hub.next(sub, 1)
+        self.assertEqual([e.id for e in backlog + batch], [3, 4, 5, 6])
+
+    def test_max_streams_and_close(self):
+        hub = vadvisor.EventHub(max_streams=1)
+        sub, _ = hub.subscribe(vadvisor.EventFilter(), None)
+        self.assertIsNone(hub.subscribe(vadvisor.EventFilter(), None))
+        hub.unsubscribe(sub)
+        sub, _ = hub.subscribe(vadvisor.EventFilter(), None)
+        hub.close()
+        self.assertEqual(hub.next(sub, 5), ([], False, True))
+
+    def test_old_events_expire(self):
+        hub = vadvisor.EventHub(max_age=0.2)
+        hub.publish("vm", TEST_UUID, 2, 0)
+        time.sleep(0.3)
+        self.assertEqual(hub.history(vadvisor.EventFilter(), -1), [])
+
+
 class ReadmeTests(unittest.TestCase):
     """The README names every flag and every metric family the agent has."""
 
@@ -492,16 +747,17 @@ class ReadmeTests(unittest.TestCase):
         flags = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
         self.assertGreater(len(flags), 10)
         for flag in flags:
-            self.assertIn("`%s" % flag, self.readme, flag)
+            self.assertTrue("`%s" % flag in self.readme, "README lacks " + flag)
 
     def test_every_metric_family_is_documented(self):
         for row in vadvisor.METRICS:
-            self.assertIn("`%s" % row.name, self.readme, row.name)
+            self.assertTrue("`%s" % row.name in self.readme, "README lacks " + row.name)
         agent = vadvisor.Agent.__new__(vadvisor.Agent)
         agent.sampler = vadvisor.Sampler(None, vadvisor.MetricTable(), 0)
         agent.hypervisor = vadvisor.Hypervisor("test:///default")
+        agent.hub = vadvisor.EventHub()
         for name, _, _, _ in agent.self_metrics(agent.sampler.latest):
-            self.assertIn("`%s" % name, self.readme, name)
+            self.assertTrue("`%s" % name in self.readme, "README lacks " + name)
 
 
 class SourceTests(unittest.TestCase):
@@ -682,11 +938,138 @@ class TestDriverAgentTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 9)   # closed by the server, not us
         self.assertEqual(self.agent.get("/healthz")[0], 200)
 
+    # -- JSON API ------------------------------------------------------------------
+    def get_json(self, path, status=200):
+        code, headers, body = self.agent.get(path)
+        self.assertEqual(code, status, (path, body))
+        self.assertEqual(headers["Content-Type"], "application/json")
+        return json.loads(body)
+
+    def test_stats_history(self):
+        for path in ("/api/v1.0/stats/", "/api/v1.0/stats"):
+            stats = self.get_json(path)
+            self.assertEqual(list(stats), [TEST_UUID])
+            samples = stats[TEST_UUID]
+            self.assertGreaterEqual(len(samples), 2)
+            self.assertEqual(samples[-1]["state"], "Running")
+            times = [s["timestamp"] for s in samples]
+            self.assertEqual(times, sorted(times))
+            self.assertTrue(times[-1].endswith("Z"))
+
+    def test_stats_of_one_domain(self):
+        for key in (TEST_UUID, TEST_UUID.upper(), TEST_UUID.replace("-", "")):
+            self.assertEqual(list(self.get_json("/api/v1.0/stats/" + key)), [TEST_UUID])
+        for key in ("00000000-0000-0000-0000-000000000000", "nope", "%ff", "6695eb01"):
+            self.assertIn("error", self.get_json("/api/v1.0/stats/" + key, 404))
+
+    def test_live_stats(self):
+        stats = self.get_json("/api/v1.0/stats/?live=true")
+        self.assertEqual(len(stats[TEST_UUID]), 1)
+        stats = self.get_json("/api/v1.0/stats/%s?live=true" % TEST_UUID)
+        self.assertEqual(list(stats), [TEST_UUID])
+        self.assertGreater(vadvisor.iso_time(stats[TEST_UUID][0]["timestamp"]), time.time() - 5)
+
+    def test_stats_bad_parameters(self):
+        for query in ("live=maybe", "live=", "foo=1", "live=true&live=true", "live"):
+            error = self.get_json("/api/v1.0/stats/?" + query, 400)["error"]
+            self.assertTrue(error, query)
+
+    def test_specs(self):
+        specs = self.get_json("/api/v1.0/specs/")
+        self.assertEqual([s["name"]["value"] for s in specs], ["test"])
+        for key in ("test", TEST_UUID, TEST_UUID.upper()):
+            spec = self.get_json("/api/v1.0/specs/" + key)
+            self.assertEqual(spec["uuid"]["value"], TEST_UUID)
+            self.assertIsInstance(spec["memory"]["value"], int)
+            self.assertIsInstance(spec["devices"], list)
+        for key in ("nope", "%ff", "00000000-0000-0000-0000-000000000000"):
+            self.assertIn("error", self.get_json("/api/v1.0/specs/" + key, 404))
+        self.assertIn("error", self.get_json("/api/v1.0/specs/?x=1", 400))
+
+    def test_event_history_is_ndjson(self):
+        status, headers, body = self.agent.get("/api/v1.0/events")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/x-ndjson")
+        self.assertEqual(body, b"")   # the read-only test driver has no events
+
+    def test_event_bad_parameters(self):
+        bad = {"start_time=yesterday": "start_time", "end_time=2023-13-01": "end_time",
+               "max_events=ten": "max_events", "max_events=-2": "max_events",
+               "foo_events=true": "foo_events", "stream=maybe": "stream",
+               "started_events=1": "started_events", "since=-1": "since", "since=x": "since",
+               "all_events=yes": "all_events", "max_events=1&max_events=2": "max_events",
+               "stream=true&end_time=2023-01-01": "end_time",
+               "stream=true&max_events=3": "max_events", "bogus": "bogus", "a=1&&b": ""}
+        for query, name in bad.items():
+            error = self.get_json("/api/v1.0/events?" + query, 400)["error"]
+            self.assertIn(name, error, query)
+        status, _, body = self.agent.get("/api/v1.0/events?stream=true",
+                                         {"Last-Event-ID": "abc"})
+        self.assertEqual(status, 400)
+
     def test_request_log_escapes_control_characters(self):
         raw_request(self.agent.port, b"GET /\x1b[31mred HTTP/1.0\r\n\r\n")
         out = wait_for(lambda: "[31mred" in self.agent.output() and self.agent.output(), 5)
         self.assertIn("\\x1b[31mred", out)
         self.assertNotIn("\x1b", out)
+
+
+class TestDriverStreamTests(unittest.TestCase):
+    """Stream slots, keep-alives and HTTP/1.0 streams on test:///default."""
+
+    @classmethod
+    def setUpClass(cls):
+        if libvirt is None:
+            raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
+        cls.agent = Agent("--connect", "test:///default", "--max-streams", "2",
+                          "--stream-keepalive", "0.3")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.agent.stop()
+
+    def streams_gauge(self):
+        return values(self.agent.metrics(self), "vadvisor_event_streams")[0]
+
+    def test_max_streams_and_a_closed_client_frees_its_slot(self):
+        first = StreamClient(self.agent.port)
+        second = StreamClient(self.agent.port, headers=[("Accept", "text/event-stream")])
+        try:
+            self.assertEqual((first.status, second.status), (200, 200))
+            self.assertEqual(first.headers["content-type"], "application/x-ndjson")
+            self.assertEqual(second.headers["content-type"], "text/event-stream")
+            self.assertEqual(self.streams_gauge(), 2)
+            status, _, body = self.agent.get("/api/v1.0/events?stream=true")
+            self.assertEqual(status, 503)
+            self.assertIn("max-streams", json.loads(body)["error"])
+            # keep-alives arrive on an idle stream
+            self.assertTrue(first.until(lambda t: t.count("\n") >= 2, 3))
+            self.assertTrue(second.until(lambda t: ": keep-alive" in t, 3))
+            self.assertEqual(first.events(), [])
+        finally:
+            first.close()
+        self.assertTrue(wait_for(lambda: self.streams_gauge() == 1, 5), "slot not freed")
+        third = StreamClient(self.agent.port)
+        self.assertEqual(third.status, 200)
+        third.close()
+        second.close()
+        self.assertTrue(wait_for(lambda: self.streams_gauge() == 0, 5))
+
+    def test_http10_stream_is_not_chunked(self):
+        client = StreamClient(self.agent.port, version="HTTP/1.0")
+        try:
+            self.assertEqual(client.status, 200)
+            self.assertNotIn("transfer-encoding", client.headers)
+            self.assertEqual(client.headers.get("connection"), "close")
+            self.assertTrue(client.until(lambda t: "\n" in t, 3))
+        finally:
+            client.close()
+        self.assertTrue(wait_for(lambda: self.streams_gauge() == 0, 5), "slot not freed")
+
+    def test_head_of_a_stream_returns_at_once(self):
+        status, headers, body = self.agent.get("/api/v1.0/events?stream=true", method="HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertTrue(wait_for(lambda: self.streams_gauge() == 0, 5))
 
 
 class CommandLineTests(unittest.TestCase):
@@ -951,6 +1334,181 @@ class RealLibvirtTests(unittest.TestCase):
         gone = wait_for(lambda: not values(self.agent.metrics(self), "vm_up", uuid=uuid), 15)
         self.assertTrue(gone, "vm_up disappears after --down-minutes")
         self.assertGreater(time.monotonic() - vanished_at, 2.0)   # 0.05 min = 3 s
+
+    # -- the JSON API on real guests -------------------------------------------------
+    def test_stats_history_grows_one_sample_per_interval(self):
+        uuid = self.a.UUIDString()
+
+        def count():
+            status, _, body = self.agent.get("/api/v1.0/stats/" + uuid)
+            return len(json.loads(body)[uuid])
+        before = count()
+        time.sleep(3)
+        grown = count() - before
+        self.assertGreaterEqual(grown, 4)    # --interval 0.5: 6 in 3 s, allowing for pacing
+        self.assertLessEqual(grown, 7)
+        status, _, body = self.agent.get("/api/v1.0/stats/")
+        stats = json.loads(body)
+        self.assertIn(self.a.UUIDString(), stats)
+        self.assertIn(self.b.UUIDString(), stats)
+        last = stats[uuid][-1]
+        virsh = virsh_domstats(self.a.name())
+        self.assertEqual(last["cpu"]["vcpus"], int(virsh["vcpu.current"]))
+        self.assertEqual(last["diskio"][0]["capacity"], int(virsh["block.0.capacity"]))
+        self.assertEqual(last["network"]["interfaces"][0]["name"], virsh["net.0.name"])
+        self.assertEqual(last["memory"]["actual"], int(virsh["balloon.current"]))
+
+    def test_specs_match_virsh_dumpxml(self):
+        status, _, body = self.agent.get("/api/v1.0/specs/")
+        names = [s["name"]["value"] for s in json.loads(body)]
+        self.assertIn("vadt-a", names)
+        self.assertIn("vadt-b", names)
+        for dom in (self.a, self.b):
+            xml = subprocess.run(["virsh", "-c", SYSTEM_URI, "dumpxml", dom.name()],
+                                 stdout=subprocess.PIPE, check=True).stdout
+            root = ElementTree.fromstring(xml)
+            for key in (dom.name(), dom.UUIDString()):
+                status, _, body = self.agent.get("/api/v1.0/specs/" + key)
+                self.assertEqual(status, 200)
+                spec = json.loads(body)
+                self.assertEqual(spec["name"]["value"], root.findtext("name"))
+                self.assertEqual(spec["uuid"]["value"], root.findtext("uuid"))
+                self.assertEqual(spec["memory"]["value"], int(root.findtext("memory")))
+                self.assertEqual(spec["vcpu"]["value"], root.findtext("vcpu"))
+                disks = [d for d in spec["devices"] if d["family"] == "disk"]
+                self.assertEqual([d["target"]["dev"] for d in disks],
+                                 [t.get("dev") for t in root.findall("devices/disk/target")])
+                self.assertEqual([d["source"]["file"] for d in disks],
+                                 [s.get("file") for s in root.findall("devices/disk/source")])
+                nics = [d for d in spec["devices"] if d["family"] == "interface"]
+                self.assertEqual([n["target"]["dev"] for n in nics],
+                                 [t.get("dev") for t in root.findall("devices/interface/target")])
+                self.assertEqual([d["family"] for d in spec["devices"]],
+                                 [d.tag for d in root.find("devices")])
+
+    def test_spec_of_a_new_domain_is_found_at_once(self):
+        dom = Bench.guest("new", vcpus=1, start=False)
+        try:
+            status, _, body = self.agent.get("/api/v1.0/specs/" + dom.name())
+            self.assertEqual(status, 200, body)
+            self.assertEqual(json.loads(body)["uuid"]["value"], dom.UUIDString())
+        finally:
+            dom.undefine()
+
+    def test_lifecycle_events_on_streams_and_in_history(self):
+        ndjson = StreamClient(self.agent.port)
+        sse = StreamClient(self.agent.port, headers=[("Accept", "text/event-stream")])
+        name = PREFIX + "ev"
+        steps = [
+            ("define", lambda: Bench.guest("ev", vcpus=1, start=False), {("Defined", "Added")}),
+            ("start", lambda: self.ev.create(), {("Resumed", "Unpaused"), ("Started", "Booted")}),
+            ("suspend", lambda: self.ev.suspend(), {("Suspended", "Paused")}),
+            ("resume", lambda: self.ev.resume(), {("Resumed", "Unpaused")}),
+            ("destroy", lambda: self.ev.destroy(), {("Shutdown", "Host"), ("Stopped", "Destroyed")}),
+            ("undefine", lambda: self.ev.undefine(), {("Undefined", "Removed")}),
+        ]
+        seen = {id(ndjson): [], id(sse): []}
+        try:
+            for step, action, expected in steps:
+                result = action()
+                if step == "define":
+                    type(self).ev = result
+                acted = time.monotonic()
+                for client in (ndjson, sse):
+                    def arrived():
+                        got = [(e["event_type"], e["reason"]) for e in client.events()
+                               if e["domain_name"] == name]
+                        return got[len(seen[id(client)]):]
+                    client.until(lambda _: len(arrived()) >= len(expected), 1.0)
+                    new = arrived()
+                    self.assertEqual(set(new), expected, "%s: %s" % (step, new))
+                    self.assertEqual(len(new), len(expected), step)
+                    seen[id(client)].extend(new)
+                self.assertLess(time.monotonic() - acted, 2.0, step)
+        finally:
+            ndjson.close()
+            sse.close()
+        mine = [e for e in ndjson.events() if e["domain_name"] == name]
+        self.assertEqual([e["id"] for e in mine], sorted(e["id"] for e in mine))
+        self.assertEqual(mine, [e for e in sse.events() if e["domain_name"] == name])
+        self.assertEqual(mine[0]["domain_id"], self.ev.UUIDString())
+        self.check_history(mine)
+
+    def history(self, query):
+        status, headers, body = self.agent.get("/api/v1.0/events?" + query)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers["Content-Type"], "application/x-ndjson")
+        return [json.loads(l) for l in body.decode().splitlines()]
+
+    def check_history(self, mine):
+        first = mine[0]["id"] - 1
+        every = self.history("since=%d&max_events=-1" % first)
+        self.assertEqual(every[:len(mine)], mine)
+        self.assertEqual(self.history("since=%d" % first), every[:10])
+        self.assertEqual(self.history("since=%d&max_events=2" % first), mine[:2])
+        started = self.history("since=%d&started_events=true&max_events=-1" % first)
+        self.assertEqual([(e["event_type"], e["reason"]) for e in started], [("Started", "Booted")])
+        pair = self.history("since=%d&suspended_events=true&resumed_events=true&max_events=-1"
+                            % first)
+        self.assertEqual(sorted(set(e["event_type"] for e in pair)), ["Resumed", "Suspended"])
+        self.assertEqual(len(pair), 3)
+        no_resumed = self.history("since=%d&resumed_events=false&max_events=-1" % first)
+        self.assertEqual(len(no_resumed), len(every) - 2)
+        everything = self.history("since=%d&all_events=true&max_events=-1" % first)
+        self.assertEqual(everything, every)
+        suspended = [e for e in mine if e["event_type"] == "Suspended"][0]
+        stopped = [e for e in mine if e["event_type"] == "Stopped"][0]
+        window = self.history("start_time=%s&end_time=%s&max_events=-1" % (
+            urllib.parse.quote(suspended["timestamp"]), urllib.parse.quote(stopped["timestamp"])))
+        self.assertEqual([e for e in window if e["domain_name"] == mine[0]["domain_name"]],
+                         [e for e in mine if suspended["id"] <= e["id"] <= stopped["id"]])
+        naive = suspended["timestamp"].rstrip("Z")
+        self.assertEqual(self.history("start_time=%s&max_events=1" % naive)[0]["id"],
+                         suspended["id"])
+        # SSE resumes from Last-Event-ID by replaying history first
+        sse = StreamClient(self.agent.port, headers=[("Accept", "text/event-stream"),
+                                                     ("Last-Event-ID", str(suspended["id"]))])
+        try:
+            sse.until(lambda t: str(mine[-1]["id"]) in t, 3)
+            replayed = [e for e in sse.events() if e["domain_name"] == mine[0]["domain_name"]]
+            self.assertEqual(replayed, [e for e in mine if e["id"] > suspended["id"]])
+        finally:
+            sse.close()
+
+    def test_concurrent_live_requests_share_one_libvirt_call(self):
+        agent = Agent("--interval", "60")
+        try:
+            wait_for(lambda: b"vadvisor_libvirt_up 1" in agent.get("/metrics")[2], 10)
+            time.sleep(0.5)
+
+            def calls():
+                return values(agent.metrics(self), "vadvisor_libvirt_calls_total")[0]
+            before = calls()
+            sockets = [socket.create_connection(("127.0.0.1", agent.port), timeout=20)
+                       for _ in range(20)]
+            request = b"GET /api/v1.0/stats/?live=true HTTP/1.0\r\n\r\n"
+            for s in sockets:
+                s.sendall(request)
+            answers = []
+            for s in sockets:
+                chunks = []
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                s.close()
+                answers.append(b"".join(chunks))
+            self.assertEqual(calls() - before, 1)
+            bodies = [json.loads(a.split(b"\r\n\r\n", 1)[1]) for a in answers]
+            for body in bodies:
+                self.assertEqual(len(body[self.a.UUIDString()]), 1)
+            self.assertEqual(len(set(json.dumps(b, sort_keys=True) for b in bodies)), 1)
+            # and the live sample went into the history
+            status, _, body = agent.get("/api/v1.0/stats/" + self.a.UUIDString())
+            self.assertIn(bodies[0][self.a.UUIDString()][0], json.loads(body)[self.a.UUIDString()])
+        finally:
+            agent.stop()
 
     def test_real_prometheus_scrapes_the_agent(self):
         prometheus = shutil.which("prometheus")

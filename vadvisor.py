@@ -32,7 +32,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 import zlib
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import parse_qs, urlsplit, unquote
+from urllib.parse import parse_qsl, urlsplit, unquote
 
 try:
     from http.server import ThreadingHTTPServer
@@ -80,6 +80,7 @@ EVENT_TYPES = (
 EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
 
 NUMBER_TYPES = (int, float, bool)
+LIVE_GATHER_SECONDS = 0.01      # live requests this close together share one libvirt call
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                      r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -154,6 +155,14 @@ def start_event_loop():
     return thread
 
 
+def quietly(call, *args):
+    """A libvirt call whose failure changes nothing (cleanup of a dead connection)."""
+    try:
+        call(*args)
+    except libvirt.libvirtError:
+        pass
+
+
 class Hypervisor(object):
     """The agent's one read-only libvirt connection.
 
@@ -167,6 +176,7 @@ class Hypervisor(object):
         self.on_lifecycle = on_lifecycle
         self.events = events
         self.conn = None
+        self.callback_id = None
         self.broken = False
         self.error = "not connected yet"
         self.up = None          # unknown until the first attempt, so that one is logged
@@ -195,7 +205,7 @@ class Hypervisor(object):
         except libvirt.libvirtError:
             pass
         if self.on_lifecycle is not None:
-            conn.domainEventRegisterAny(
+            self.callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
 
     def _closed(self, _conn, _reason, _opaque):
@@ -212,10 +222,12 @@ class Hypervisor(object):
     def drop(self, reason):
         conn, self.conn = self.conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except libvirt.libvirtError:
-                pass
+            if self.callback_id is not None:
+                quietly(conn.domainEventDeregisterAny, self.callback_id)
+            if self.events:
+                quietly(conn.unregisterCloseCallback)
+            quietly(conn.close)
+            self.callback_id = None
         self._set_state(False, reason)
 
     def _set_state(self, up, error):
@@ -318,13 +330,72 @@ class History(object):
             return {uuid: list(queue)} if queue else {}
 
 
+class SpecCache(object):
+    """Domain specifications (XML as JSON), fetched by the sampler thread.
+
+    A domain's spec is fetched when it first appears in a sample and again
+    after any lifecycle event for it (a start changes the live XML, a define
+    replaces it); requests never fetch XML themselves.
+    """
+
+    def __init__(self):
+        self.specs = {}         # uuid -> spec
+        self.dirty = set()      # uuids to fetch again
+        self.lock = threading.Lock()
+        self.seq = 0            # the sample the specs were last refreshed for
+        self.updated = threading.Condition(self.lock)
+
+    def mark(self, uuid):
+        with self.lock:
+            self.dirty.add(uuid)
+
+    def refresh(self, domains, seq):
+        """Fetch what is missing or dirty; domains maps uuid -> virDomain."""
+        with self.lock:
+            wanted = [u for u in domains if u not in self.specs or u in self.dirty]
+            self.dirty.difference_update(wanted)
+        fetched = {}
+        for uuid in wanted:
+            try:
+                fetched[uuid] = domain_spec(domains[uuid].XMLDesc(0))
+            except libvirt.libvirtError as exc:
+                log.debug("spec of %s not read: %s", uuid, exc)
+                self.mark(uuid)   # try again next round
+            except ElementTree.ParseError as exc:
+                log.warning("spec of %s is not valid XML: %s", uuid, exc)
+        with self.lock:
+            self.specs.update(fetched)
+            for uuid in [u for u in self.specs if u not in domains]:
+                del self.specs[uuid]
+            self.seq = seq
+            self.updated.notify_all()
+
+    def get(self, key, seq=0, timeout=0):
+        """The spec for a uuid or name, once specs are as new as sample seq."""
+        with self.lock:
+            self.updated.wait_for(lambda: self.seq >= seq, timeout)
+            spec = self.specs.get(canonical_uuid(key) or key)
+            if spec is None:
+                for candidate in self.specs.values():
+                    if candidate.get("name", {}).get("value") == key:
+                        return candidate
+            return spec
+
+    def all(self):
+        with self.lock:
+            specs = list(self.specs.values())
+        return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
+
+
 class Sampler(object):
     """The only thread that calls libvirt: one bulk stats call per sample.
 
     Pacing rule: a sample starts --interval after the previous one started,
-    but never sooner than three times the previous sample's duration after it
-    ended, so the agent keeps libvirtd busy at most a quarter of the time.
-    While libvirt is unreachable it retries after 1, 2, 4 ... 30 seconds.
+    but never sooner than three times the previous round's busy time (stats
+    call plus spec fetches) after it ended, so the agent keeps libvirtd busy
+    at most a quarter of the time.  A live request can end the wait early,
+    never the 3x rest.  While libvirt is unreachable it retries after 1, 2,
+    4 ... 30 seconds.
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
@@ -336,6 +407,7 @@ class Sampler(object):
         self.interval = interval
         self.down_seconds = down_seconds
         self.history = History(table, history_seconds)
+        self.specs = SpecCache()
         self.listeners = list(listeners)    # called with each new sample
         self.latest = Sample(0, 0.0, 0.0, [])
         self.gone = {}                      # uuid -> (name, vanished at)
@@ -343,6 +415,7 @@ class Sampler(object):
         self.errors_total = 0
         self.calls_total = 0
         self.backoff = 0
+        self.sampling = False
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
@@ -350,7 +423,7 @@ class Sampler(object):
 
     # -- one sample --------------------------------------------------------
     def sample(self):
-        """Take one sample; returns it, or raises libvirt.libvirtError."""
+        """Take one sample and refresh specs; returns the sample or raises libvirtError."""
         conn = self.hypervisor.connection()
         started = time.time()
         clock = time.monotonic()
@@ -367,6 +440,8 @@ class Sampler(object):
         sample = Sample(self.latest.seq + 1, started, duration, domains,
                         self._track_gone(domains, started))
         self.publish(sample)
+        self.specs.refresh(dict((uuid, dom) for (dom, _), (uuid, _, _) in zip(records, domains)),
+                           sample.seq)
         return sample
 
     @staticmethod
@@ -396,6 +471,21 @@ class Sampler(object):
         for listener in self.listeners:
             listener(sample)
 
+    def fresh_sample(self, timeout):
+        """A sample that completes after this call: concurrent callers share one.
+
+        Returns None when libvirt is unreachable or no sample came in time.
+        """
+        if not self.hypervisor.up:
+            return None
+        with self.new_sample:
+            seen = self.latest.seq
+            if not self.sampling:   # an in-progress sample will do; don't ask for another
+                self.wakeup.set()
+            if self.new_sample.wait_for(lambda: self.latest.seq > seen, timeout):
+                return self.latest
+        return None
+
     # -- the loop ------------------------------------------------------------
     def start(self):
         self.thread = threading.Thread(target=self.run, name="sampler", daemon=True)
@@ -408,22 +498,37 @@ class Sampler(object):
     def run(self):
         while not self.stopping.is_set():
             began = time.monotonic()
-            try:
-                sample = self.sample()
-                self.backoff = 0
-                pause = max(self.interval - (time.monotonic() - began), 3 * sample.duration)
-            except libvirt.libvirtError as exc:
-                if self.hypervisor.up:
-                    self.hypervisor.drop(str(exc))
-                else:
-                    self.hypervisor._set_state(False, str(exc))
-                self.backoff = min(30, max(1, self.backoff * 2))
-                pause = self.backoff
-            except Exception as exc:  # never let the sampler thread die
-                log.warning("sample failed: %s", exc)
-                pause = max(self.interval, 1)
-            self.wakeup.wait(pause)
+            rest = self.round()
+            ended = time.monotonic()
+            if self.wakeup.wait(max(self.interval - (ended - began), rest)):
+                # Woken by a live request: keep the 3x rest, and gather the
+                # burst it may belong to so that the burst shares one call.
+                remaining = rest - (time.monotonic() - ended)
+                self.stopping.wait(max(remaining, LIVE_GATHER_SECONDS))
             self.wakeup.clear()
+
+    def round(self):
+        """One sample; returns the minimum rest before the next one."""
+        began = time.monotonic()
+        with self.new_sample:
+            self.sampling = True
+        try:
+            self.sample()
+            self.backoff = 0
+            return 3 * (time.monotonic() - began)
+        except libvirt.libvirtError as exc:
+            if self.hypervisor.up is not False:
+                self.hypervisor.drop(str(exc))
+            else:
+                self.hypervisor.error = str(exc)
+            self.backoff = min(30, max(1, self.backoff * 2))
+            return self.backoff
+        except Exception as exc:  # never let the sampler thread die
+            log.warning("sample failed: %s", exc)
+            return max(self.interval, 1)
+        finally:
+            with self.new_sample:
+                self.sampling = False
 
 
 # =============================================================================
@@ -440,7 +545,8 @@ class Sampler(object):
 # into the Prometheus name, so one row maps a whole opt-in group.
 # JSON places: "a.b" is a key in the sample; "list[].key" is a key of one
 # device's entry in a list.  Units in JSON follow the original vAdvisor:
-# CPU times in ms, memory in KiB, disk times in ns, everything else as libvirt.
+# CPU times in ms, memory in KiB, disk times in ns, everything else as libvirt;
+# a tuple of names instead of a JSON scale turns a code into its name.
 
 COUNTER, GAUGE = "counter", "gauge"
 NS = 1e-9           # nanoseconds -> seconds
@@ -481,7 +587,8 @@ METRICS = (
     R("state.state", "vm_up", GAUGE, 1, (), None,
       "1 when the domain is running, else 0; stays 0 for --down-minutes after the domain vanishes."),
     R("state.state", "vm_state", GAUGE, 1, (), "state",
-      "libvirt domain state: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended."),
+      "libvirt domain state: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended.",
+      DOMAIN_STATES),
     R("state.reason", "vm_state_reason", GAUGE, 1, (), "state_reason",
       "libvirt's reason code for the current domain state."),
     # -- CPU -----------------------------------------------------------------
@@ -499,7 +606,7 @@ METRICS = (
     R("vcpu.maximum", "vm_vcpus_maximum", GAUGE, 1, (), "cpu.vcpus_maximum",
       "Maximum number of vCPUs."),
     R("vcpu.<cpu>.state", "vm_vcpu_state", GAUGE, 1, ("cpu",), "cpu.per_cpu_usage[].state",
-      "vCPU state: 0 offline, 1 running, 2 blocked."),
+      "vCPU state: 0 offline, 1 running, 2 blocked.", VCPU_STATES),
     R("vcpu.<cpu>.time", "vm_vcpu_seconds_total", COUNTER, NS, ("cpu",),
       "cpu.per_cpu_usage[].vcpu_time", "Time the vCPU ran, in seconds.", MS),
     R("vcpu.<cpu>.wait", "vm_vcpu_wait_seconds_total", COUNTER, NS, ("cpu",),
@@ -633,13 +740,15 @@ class Family(object):
 class Target(object):
     """Where one libvirt key goes: a family plus its device labels and scales."""
 
-    __slots__ = ("family", "devices", "mul", "div", "json", "json_mul", "json_div", "row")
+    __slots__ = ("family", "devices", "mul", "div", "json", "json_mul", "json_div",
+                 "json_enum", "row")
 
     def __init__(self, row, family, devices, scale):
         self.row, self.family, self.devices = row, family, devices
         self.mul, self.div = split_scale(scale)
         self.json = parse_json_place(row.json)
-        self.json_mul, self.json_div = split_scale(row.json_scale)
+        self.json_enum = row.json_scale if isinstance(row.json_scale, tuple) else None
+        self.json_mul, self.json_div = split_scale(1 if self.json_enum else row.json_scale)
 
 
 def split_scale(scale):
@@ -822,6 +931,103 @@ class PrometheusFormatter(object):
         return "".join(parts)
 
 
+def json_number(value):
+    """Numbers for JSON: NaN and infinities have no JSON spelling."""
+    if type(value) is float:
+        if value != value or value in (math.inf, -math.inf):
+            return None
+        if value.is_integer() and abs(value) < 2 ** 53:
+            return int(value)
+    return int(value) if type(value) is bool else value
+
+
+def json_sample(table, when, layout, values):
+    """One cAdvisor-like sample from a history record, placed by the metric table."""
+    keys, names = layout
+    names = dict(names)
+    out = {"timestamp": rfc3339(when)}
+    devices = {}            # (list path, index) -> that device's entry
+    for key, value in zip(keys, values):
+        for t in table.targets(key):
+            if t.json is None:
+                continue
+            list_path, field = t.json
+            if t.json_enum:
+                value = enum_name(t.json_enum, int(value))
+            else:
+                value = json_number(scaled(value, t.json_mul, t.json_div))
+            where = out
+            if list_path is not None:
+                label, name_key, index = t.devices[0]
+                where = devices.get((list_path, index))
+                if where is None:
+                    where = devices[(list_path, index)] = (
+                        {"index": int(index)} if name_key is None
+                        else {"name": names.get(name_key, index)})
+            put(where, field, value)
+    for (list_path, index), entry in sorted(devices.items(), key=lambda d: int(d[0][1])):
+        parent = out
+        for step in list_path[:-1]:
+            parent = parent.setdefault(step, {})
+        parent.setdefault(list_path[-1], []).append(entry)
+    return out
+
+
+def put(where, path, value):
+    for step in path[:-1]:
+        where = where.setdefault(step, {})
+    where[path[-1]] = value
+
+
+# Domain XML to JSON.  Lossless rules:
+#  * an element becomes an object: its attributes are keys, its text (unless
+#    only white space) is "value", each child element is a key named by its tag;
+#  * a tag that occurs more than once under one parent becomes a list of
+#    objects, in document order;
+#  * <devices> becomes a list of {"family": <tag>, ...} in document order;
+#  * text whose key is taken by a "value" attribute is stored as "value_text",
+#    a child whose tag is taken by an attribute or the text as "<tag>_element";
+#  * <memory>, <currentMemory> and <maxMemory> values and the attributes
+#    index, port, startport and vram become integers (as in the original).
+INTEGER_TEXT = ("memory", "currentMemory", "maxMemory")
+INTEGER_ATTRIBUTES = ("index", "port", "startport", "vram")
+
+
+def domain_spec(xml):
+    return element_json(ElementTree.fromstring(xml))
+
+
+def element_json(elem):
+    obj = {}
+    for name, value in elem.attrib.items():
+        obj[name] = int(value) if name in INTEGER_ATTRIBUTES and value.lstrip("-").isdigit() \
+            else value
+    text = elem.text
+    if text is not None and text.strip():
+        if elem.tag in INTEGER_TEXT and text.strip().isdigit():
+            text = int(text)
+        obj["value_text" if "value" in obj else "value"] = text
+    reserved = set(obj)     # attributes and text
+    repeated = set()
+    for child in elem:
+        if not isinstance(child.tag, str):
+            continue  # comments and processing instructions
+        if child.tag == "devices":
+            value = [dict([("family", dev.tag)] + list(element_json(dev).items()))
+                     for dev in child if isinstance(dev.tag, str)]
+        else:
+            value = element_json(child)
+        key = child.tag + "_element" if child.tag in reserved else child.tag
+        if key not in obj:
+            obj[key] = value
+        elif key in repeated:
+            obj[key].append(value)
+        else:
+            obj[key] = [obj[key], value]
+            repeated.add(key)
+    return obj
+
+
 def render_families(families, openmetrics=False):
     """Text for small families given as [(name, type, help, [(labels, value)])]."""
     parts = []
@@ -835,17 +1041,168 @@ def render_families(families, openmetrics=False):
 
 
 # =============================================================================
+# Event hub: lifecycle history and live streams
+# =============================================================================
+
+EVENT_FILTERS = dict((name.lower() + "_events", name) for name in EVENT_TYPE_NAMES)
+
+
+class Event(object):
+    """A lifecycle event with its JSON line encoded once for every client."""
+
+    __slots__ = ("id", "ms", "type", "json")
+
+    def __init__(self, event_id, when, name, uuid, event_type, reason):
+        # Time in whole milliseconds, as its timestamp shows it, so that a
+        # timestamp read from an event is an exact start_time or end_time bound.
+        self.id, self.ms, self.type = event_id, int(when * 1000), event_type
+        when = self.ms / 1000.0
+        self.json = json.dumps(collections.OrderedDict((
+            ("id", event_id), ("domain_name", name), ("domain_id", uuid),
+            ("timestamp", rfc3339(when)), ("event_type", event_type), ("reason", reason))))
+
+
+class EventFilter(object):
+    """Which events a query or stream wants: types, a time window, ids after since."""
+
+    def __init__(self, only=None, excluded=(), start=None, end=None, since=None):
+        self.only, self.excluded = only, frozenset(excluded)
+        self.start = None if start is None else int(round(start * 1000))
+        self.end = None if end is None else int(round(end * 1000))
+        self.since = since
+
+    def __call__(self, event):
+        if self.only is not None and event.type not in self.only:
+            return False
+        if event.type in self.excluded:
+            return False
+        if self.since is not None and event.id <= self.since:
+            return False
+        if self.start is not None and event.ms < self.start:
+            return False
+        return self.end is None or event.ms <= self.end
+
+
+class Subscription(object):
+    """One stream client's bounded queue.  Guarded by the hub's lock."""
+
+    def __init__(self, lock, wanted, limit):
+        self.wanted, self.limit = wanted, limit
+        self.queue = collections.deque()
+        self.overflowed = False
+        self.ready = threading.Condition(lock)
+
+    def offer(self, event):
+        if self.overflowed or not self.wanted(event):
+            return
+        if len(self.queue) >= self.limit:
+            self.overflowed = True   # the client gets a gap marker, never silent loss
+        else:
+            self.queue.append(event)
+        self.ready.notify()
+
+
+class EventHub(object):
+    """History in a bounded deque plus live subscribers.
+
+    publish() runs on libvirt's event-loop thread: it only appends and
+    notifies, so a slow client can never hold up the event loop.
+    """
+
+    def __init__(self, max_events=10000, max_age=86400, max_streams=100, queue_limit=1000):
+        self.lock = threading.Lock()
+        self.events = collections.deque(maxlen=max_events)
+        self.max_age = max_age
+        self.max_streams = max_streams
+        self.queue_limit = queue_limit
+        self.subscribers = []
+        self.last_id = 0
+        self.counts = dict((name, 0) for name in EVENT_TYPE_NAMES + ("Unknown",))
+        self.closing = False
+
+    def publish(self, name, uuid, event, detail):
+        event_type, reason = event_names(event, detail)
+        now = time.time()
+        with self.lock:
+            self.last_id += 1
+            item = Event(self.last_id, now, name, uuid, event_type, reason)
+            self.events.append(item)
+            self._expire(now)
+            self.counts[event_type] += 1
+            for subscriber in self.subscribers:
+                subscriber.offer(item)
+        log.debug("event %s", item.json)
+
+    def _expire(self, now):
+        while self.events and self.events[0].ms < (now - self.max_age) * 1000:
+            self.events.popleft()
+
+    def history(self, wanted, limit):
+        """The oldest `limit` matching events (-1: all), oldest first."""
+        with self.lock:
+            self._expire(time.time())
+            snapshot = list(self.events)
+        found = []
+        for item in snapshot:
+            if wanted(item):
+                found.append(item)
+                if len(found) == limit:
+                    break
+        return found
+
+    def subscribe(self, wanted, replay):
+        """(subscription, events to replay first), or None when at --max-streams.
+
+        Registering and taking the replay happen under one lock, so no event
+        falls between the two and none comes twice.
+        """
+        with self.lock:
+            if self.closing or len(self.subscribers) >= self.max_streams:
+                return None
+            subscription = Subscription(self.lock, wanted, self.queue_limit)
+            backlog = [e for e in self.events if replay(e)] if replay else []
+            self.subscribers.append(subscription)
+        return subscription, backlog
+
+    def unsubscribe(self, subscription):
+        with self.lock:
+            if subscription in self.subscribers:
+                self.subscribers.remove(subscription)
+
+    def next(self, subscription, timeout):
+        """(events, overflowed, closing) once something happens or timeout passes."""
+        with self.lock:
+            if not subscription.queue and not subscription.overflowed and not self.closing:
+                subscription.ready.wait(timeout)
+            batch = list(subscription.queue)
+            subscription.queue.clear()
+            return batch, subscription.overflowed, self.closing
+
+    def streams(self):
+        with self.lock:
+            return len(self.subscribers)
+
+    def close(self):
+        """Ends every stream (shutdown)."""
+        with self.lock:
+            self.closing = True
+            for subscription in self.subscribers:
+                subscription.ready.notify()
+
+
+# =============================================================================
 # HTTP handler and routes
 # =============================================================================
 
 class Agent(object):
     """Everything the HTTP handler needs, wired together by main()."""
 
-    def __init__(self, args, hypervisor, sampler, formatter):
+    def __init__(self, args, hypervisor, sampler, formatter, hub):
         self.args = args
         self.hypervisor = hypervisor
         self.sampler = sampler
         self.formatter = formatter
+        self.hub = hub
         self.started = time.time()
         self.render_lock = threading.Lock()
 
@@ -900,8 +1257,44 @@ class Agent(object):
              [((), s.calls_total)]),
             ("vadvisor_sample_errors_total", COUNTER, "Samples that failed with a libvirt error.",
              [((), s.errors_total)]),
+            ("vadvisor_events_total", COUNTER, "Lifecycle events received, by type.",
+             [((("event_type", t),), n) for t, n in sorted(self.hub.counts.items())]),
+            ("vadvisor_event_streams", GAUGE, "Open event streams.", [((), self.hub.streams())]),
         ]
         return fams
+
+    def stats(self, uuid):
+        """{uuid: [sample, ...]} from the history, oldest first."""
+        table = self.sampler.table
+        return dict((u, [json_sample(table, when, layout, values)
+                         for when, layout, values in records])
+                    for u, records in self.sampler.history.get(uuid).items())
+
+    def live_stats(self, uuid):
+        """{uuid: [one fresh sample]}; concurrent callers share one libvirt call."""
+        sample = self.fresh_sample()
+        compact, table = self.sampler.history.compact, self.sampler.table
+        return dict((u, [json_sample(table, sample.time, *compact(stats))])
+                    for u, _name, stats in sample.domains if uuid is None or u == uuid)
+
+    def fresh_sample(self):
+        sample = self.sampler.fresh_sample(self.live_timeout())
+        if sample is None:
+            raise HTTPError(503, "no fresh sample: libvirt at %s is unreachable or too slow (%s)"
+                            % (self.hypervisor.uri, self.hypervisor.error or "timeout"))
+        return sample
+
+    def live_timeout(self):
+        return max(10.0, 2 * self.args.interval)
+
+    def spec(self, key):
+        """A domain's spec by uuid or name; a miss waits for one fresh sample."""
+        specs = self.sampler.specs
+        spec = specs.get(key)
+        if spec is None:
+            sample = self.fresh_sample()
+            spec = specs.get(key, sample.seq, self.live_timeout())
+        return spec
 
     def health(self):
         sample = self.sampler.latest
@@ -924,6 +1317,76 @@ class HTTPError(Exception):
     def __init__(self, status, message, headers=()):
         Exception.__init__(self, message)
         self.status, self.message, self.headers = status, message, headers
+
+
+def parse_query(query, parsers, patterns=()):
+    """{name: parsed value}; any unknown, repeated or unparsable parameter is a 400."""
+    pairs = parse_qsl(query, keep_blank_values=True)    # 'a' alone reads as a=''
+    params = {}
+    for name, text in pairs:
+        parser = parsers.get(name) or next((p for k, p in patterns if k(name)), None)
+        if parser is None:
+            raise HTTPError(400, "unknown parameter %r; known: %s"
+                            % (name, ", ".join(sorted(parsers)) or "none"))
+        if name in params:
+            raise HTTPError(400, "parameter %r given twice" % name)
+        try:
+            params[name] = parser(text)
+        except ValueError as exc:
+            raise HTTPError(400, "parameter %r: %s" % (name, exc))
+    return params
+
+
+def boolean(text):
+    word = text.lower()
+    if word not in ("true", "false"):
+        raise ValueError("%r is not true or false" % text)
+    return word == "true"
+
+
+def event_count(text):
+    value = int(text)
+    if value < -1:
+        raise ValueError("must be -1 (all) or a count of 0 or more")
+    return value
+
+
+def event_id(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be an event id of 0 or more")
+    return value
+
+
+ISO_TIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
+    r"\s*(Z|z|[+-]\d{2}:?\d{2})?$")
+
+
+def iso_time(text):
+    """RFC 3339 / ISO 8601 to Unix time; without a zone it is UTC."""
+    m = ISO_TIME_RE.match(text.strip())
+    if m is None:
+        raise ValueError("%r is not an ISO 8601 time such as 2024-05-01T12:00:00Z" % text)
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    try:
+        moment = datetime.datetime(int(year), int(month), int(day), int(hour or 0),
+                                   int(minute or 0), int(second or 0))
+    except ValueError as exc:
+        raise ValueError("%r: %s" % (text, exc))
+    offset = 0
+    if zone and zone not in "Zz":
+        digits = zone[1:].replace(":", "")
+        offset = (int(digits[:2]) * 60 + int(digits[2:])) * 60 * (1 if zone[0] == "+" else -1)
+    epoch = (moment - datetime.datetime(1970, 1, 1)).total_seconds() - offset
+    return epoch + (float("0." + fraction) if fraction else 0.0)
+
+
+def canonical_uuid(text):
+    if not UUID_RE.match(text):
+        return None
+    digits = text.replace("-", "").lower()
+    return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
 
 
 LANDING_PAGE = """<!DOCTYPE html>
@@ -996,20 +1459,135 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
 
     # -- routes --------------------------------------------------------------------
+    ROUTES = (
+        (r"/", "landing"),
+        (r"/metrics", "metrics"),
+        (r"/healthz", "healthz"),
+        (r"/api/v1\.0/stats/?", "stats"),
+        (r"/api/v1\.0/stats/(?P<key>[^/]+)", "stats"),
+        (r"/api/v1\.0/specs/?", "specs"),
+        (r"/api/v1\.0/specs/(?P<key>[^/]+)", "specs"),
+        (r"/api/v1\.0/events/?", "events"),
+    )
+    ROUTES = tuple((re.compile("^%s$" % pattern), name) for pattern, name in ROUTES)
+
     def route(self):
         path, query = split_target(self.path)
-        if path == "/":
-            self.send_body(200, "text/html; charset=utf-8",
-                           (LANDING_PAGE % (VERSION, self.agent.hypervisor.uri)).encode("utf-8"))
-        elif path == "/metrics":
-            self.metrics()
-        elif path == "/healthz":
-            ok, state = self.agent.health()
-            self.send_json(200 if ok else 503, state)
-        else:
-            raise HTTPError(404, "no such endpoint: %s" % path)
+        for pattern, name in self.ROUTES:
+            match = pattern.match(path)
+            if match:
+                return getattr(self, "route_" + name)(query, **match.groupdict())
+        raise HTTPError(404, "no such endpoint: %s" % path)
 
-    def metrics(self):
+    def route_landing(self, query):
+        self.send_body(200, "text/html; charset=utf-8",
+                       (LANDING_PAGE % (VERSION, self.agent.hypervisor.uri)).encode("utf-8"))
+
+    def route_healthz(self, query):
+        ok, state = self.agent.health()
+        self.send_json(200 if ok else 503, state)
+
+    def route_stats(self, query, key=None):
+        live = parse_query(query, {"live": boolean}).get("live", False)
+        uuid = None
+        if key is not None:
+            uuid = canonical_uuid(unquote(key))
+            if uuid is None:
+                raise HTTPError(404, "not a domain uuid: %r" % unquote(key))
+        stats = self.agent.live_stats(uuid) if live else self.agent.stats(uuid)
+        if uuid is not None and not stats:
+            raise HTTPError(404, "no stats for domain %s" % uuid)
+        self.send_json(200, stats)
+
+    def route_specs(self, query, key=None):
+        parse_query(query, {})
+        if key is None:
+            return self.send_json(200, self.agent.sampler.specs.all())
+        spec = self.agent.spec(unquote(key))
+        if spec is None:
+            raise HTTPError(404, "no domain with uuid or name %r" % unquote(key))
+        self.send_json(200, spec)
+
+    EVENT_PARAMS = dict([("stream", boolean), ("start_time", iso_time), ("end_time", iso_time),
+                         ("max_events", event_count), ("all_events", boolean),
+                         ("since", event_id)] + [(name, boolean) for name in EVENT_FILTERS])
+
+    def route_events(self, query):
+        params = parse_query(query, self.EVENT_PARAMS)
+        sse = "text/event-stream" in self.headers.get("Accept", "")
+        selected = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is True)
+        excluded = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is False)
+        only = selected if selected and not params.get("all_events") else None
+        if not params.get("stream", sse):
+            wanted = EventFilter(only, excluded, params.get("start_time"),
+                                 params.get("end_time"), params.get("since"))
+            events = self.agent.hub.history(wanted, params.get("max_events", 10))
+            body = "".join(e.json + "\n" for e in events).encode("utf-8")
+            return self.send_body(200, "application/x-ndjson", body)
+        for name in ("end_time", "max_events"):
+            if name in params:
+                raise HTTPError(400, "parameter %r does not apply to stream=true" % name)
+        since = params.get("since")
+        if since is None and self.headers.get("Last-Event-ID"):
+            try:
+                since = event_id(self.headers["Last-Event-ID"].strip())
+            except ValueError:
+                raise HTTPError(400, "header Last-Event-ID must be an event id")
+        replay = None
+        if since is not None or "start_time" in params:
+            replay = EventFilter(only, excluded, params.get("start_time"), None, since)
+        self.stream_events(EventFilter(only, excluded), replay, sse, since or 0)
+
+    def stream_events(self, wanted, replay, sse, last):
+        """Writes events as they come, one line (or SSE message) each, flushed at once."""
+        hub = self.agent.hub
+        found = hub.subscribe(wanted, replay)
+        if found is None:
+            raise HTTPError(503, "too many event streams (--max-streams %d)" % hub.max_streams)
+        subscription, backlog = found
+        self.close_connection = True
+        try:
+            chunked = self.request_version == "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if sse else "application/x-ndjson")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding" if chunked else "Connection",
+                             "chunked" if chunked else "close")
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            send = self.chunk_sender(chunked)
+            send(format_events(backlog, sse))
+            last = backlog[-1].id if backlog else last
+            while True:
+                batch, overflowed, closing = hub.next(subscription, self.agent.args.stream_keepalive)
+                if batch:
+                    send(format_events(batch, sse))
+                    last = batch[-1].id
+                if overflowed:
+                    send(gap_marker(last, sse))
+                    break
+                if closing:
+                    break
+                if not batch:
+                    send(": keep-alive\n\n" if sse else "\n")
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, socket.timeout):
+            log.debug("event stream client %s went away", self.address_string())
+        finally:
+            hub.unsubscribe(subscription)
+
+    def chunk_sender(self, chunked):
+        def send(text):
+            if text:
+                data = text.encode("utf-8")
+                if chunked:
+                    data = b"%x\r\n%s\r\n" % (len(data), data)
+                self.wfile.write(data)
+        return send
+
+    def route_metrics(self, query):
         accept = self.headers.get("Accept", "")
         openmetrics = "application/openmetrics-text" in accept
         want_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
@@ -1026,6 +1604,20 @@ def split_target(target):
         return url.path or "/", url.query
     path, _, query = target.partition("?")
     return path.partition("#")[0], query
+
+
+def format_events(events, sse):
+    if sse:
+        return "".join("id: %d\ndata: %s\n\n" % (e.id, e.json) for e in events)
+    return "".join(e.json + "\n" for e in events)
+
+
+def gap_marker(last_id, sse):
+    """What a client too slow to keep up gets before its stream is closed."""
+    text = json.dumps({"gap": True, "last_id": last_id,
+                       "error": "client too slow: events after id %d were dropped; "
+                                "reconnect with since=%d" % (last_id, last_id)})
+    return "event: gap\ndata: %s\n\n" % text if sse else text + "\n"
 
 
 class Server(ThreadingHTTPServer):
@@ -1087,6 +1679,14 @@ def parse_args(argv=None):
                    help="how long a vanished domain keeps vm_up 0 (default: %(default)s)")
     p.add_argument("--collect", type=collect_groups, default=(), metavar="GROUPS",
                    help="extra stat groups, comma-separated: %s, or all" % ",".join(OPTIONAL_GROUPS))
+    p.add_argument("--event-history", type=positive_int, default=10000, metavar="N",
+                   help="lifecycle events kept for /api/v1.0/events (default: %(default)s)")
+    p.add_argument("--event-max-age", type=positive_float, default=86400.0, metavar="SECONDS",
+                   help="how long events are kept (default: %(default)s, one day)")
+    p.add_argument("--max-streams", type=positive_int, default=100, metavar="N",
+                   help="concurrent event streams; more get 503 (default: %(default)s)")
+    p.add_argument("--stream-keepalive", type=positive_float, default=15.0, metavar="SECONDS",
+                   help="keep-alive period of idle event streams (default: %(default)s)")
     p.add_argument("--client-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="drop an HTTP client that sends nothing for this long (default: %(default)s)")
     p.add_argument("--once", action="store_true",
@@ -1103,6 +1703,16 @@ def positive_float(text):
         raise argparse.ArgumentTypeError("%r is not a number" % text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
     return value
 
 
@@ -1164,10 +1774,16 @@ def main(argv=None):
         return run_once(args, table)
 
     start_event_loop()
-    hypervisor = Hypervisor(args.connect, events=True)
+    hub = EventHub(args.event_history, args.event_max_age, args.max_streams)
+
+    def on_lifecycle(name, uuid, event, detail):
+        hub.publish(name, uuid, event, detail)
+        sampler.specs.mark(uuid)    # its XML may have changed
+
+    hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
                       args.history, args.down_minutes * 60)
-    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table))
+    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub)
     handler = type("AgentHandler", (Handler,), {"agent": agent, "timeout": args.client_timeout})
     try:
         server = make_server(args.listen, args.port, handler)
@@ -1181,6 +1797,7 @@ def main(argv=None):
     def shutdown(signum, _frame):
         log.info("signal %d: shutting down", signum)
         stop.set()
+        hub.close()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
