@@ -800,6 +800,13 @@ def needs_libvirt(testcase):
         testcase.skipTest("the libvirt binding is missing (python3-libvirt)")
 
 
+def test_driver_agent(*args):
+    """An agent on libvirt's in-process test:///default driver."""
+    if libvirt is None:
+        raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
+    return Agent("--connect", "test:///default", *args)
+
+
 class TestDriverSamplerTests(unittest.TestCase):
 
     def setUp(self):
@@ -831,10 +838,7 @@ class TestDriverAgentTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if libvirt is None:
-            raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
-        cls.agent = Agent("--connect", "test:///default", "--interval", "0.2",
-                          "--client-timeout", "1", "--verbose")
+        cls.agent = test_driver_agent("--interval", "0.2", "--client-timeout", "1", "--verbose")
         wait_for(lambda: b'vm_up{' in cls.agent.get("/metrics")[2], 10)
 
     @classmethod
@@ -1019,10 +1023,7 @@ class TestDriverStreamTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if libvirt is None:
-            raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
-        cls.agent = Agent("--connect", "test:///default", "--max-streams", "2",
-                          "--stream-keepalive", "0.3")
+        cls.agent = test_driver_agent("--max-streams", "2", "--stream-keepalive", "0.3")
 
     @classmethod
     def tearDownClass(cls):
