@@ -800,7 +800,7 @@ def needs_libvirt(testcase):
         testcase.skipTest("the libvirt binding is missing (python3-libvirt)")
 
 
-def test_driver_agent(*args):
+def agent_on_test_driver(*args):
     """An agent on libvirt's in-process test:///default driver."""
     if libvirt is None:
         raise unittest.SkipTest("the libvirt binding is missing (python3-libvirt)")
@@ -838,7 +838,7 @@ class TestDriverAgentTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.agent = test_driver_agent("--interval", "0.2", "--client-timeout", "1", "--verbose")
+        cls.agent = agent_on_test_driver("--interval", "0.2", "--client-timeout", "1", "--verbose")
         wait_for(lambda: b'vm_up{' in cls.agent.get("/metrics")[2], 10)
 
     @classmethod
@@ -1023,7 +1023,7 @@ class TestDriverStreamTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.agent = test_driver_agent("--max-streams", "2", "--stream-keepalive", "0.3")
+        cls.agent = agent_on_test_driver("--max-streams", "2", "--stream-keepalive", "0.3")
 
     @classmethod
     def tearDownClass(cls):
