@@ -555,9 +555,10 @@ class HistoryTests(unittest.TestCase):
 class JsonSampleTests(unittest.TestCase):
 
     def sample(self, stats):
-        table = vadvisor.MetricTable(collect=())
-        history = vadvisor.History(table, 60)
-        return vadvisor.json_sample(table, 1700000000.25, *history.compact(stats))
+        history = vadvisor.History(vadvisor.MetricTable(collect=()), 60)
+        text = history.render(1700000000.25, *history.compact(stats))
+        self.assertEqual(text, history.render(1700000000.25, *history.compact(stats)))
+        return json.loads(text, parse_constant=self.fail)     # NaN/Infinity are not JSON
 
     def test_original_keys_and_units(self):
         r = REAL_RECORD

@@ -283,6 +283,8 @@ class History(object):
         self.seconds = seconds
         self.records = {}       # uuid -> deque of (time, layout, values)
         self.layouts = {}       # interning: equal layouts share one tuple
+        self.plans = {}         # a stats dict's keys -> (numeric keys shown, name keys)
+        self.templates = {}     # layout -> JsonTemplate
         self.lock = threading.Lock()
 
     def add(self, sample):
@@ -302,24 +304,40 @@ class History(object):
                     del self.records[uuid]
 
     def compact(self, stats):
-        keys, values, names = [], [], []
-        shown = self.table.json_key
-        for key, value in stats.items():
-            if type(value) is str:
-                if key.endswith(".name"):
-                    names.append((key, value))
-            elif shown(key):
-                keys.append(key)
-                values.append(value)
-        layout = (tuple(keys), tuple(names))
-        layout = self.layouts.setdefault(layout, layout)
-        if len(self.layouts) > 100000:  # bound the interning table, too
-            self.layouts.clear()
+        """(layout, values) for a stats dict: what a history record holds."""
+        shape = tuple(stats)    # libvirt gives a domain the same keys each time
+        plan = self.plans.get(shape)
+        if plan is None:
+            plan = self.plans[shape] = self._plan(stats)
+        keys, name_keys = plan
+        values = [stats[k] for k in keys]
         try:
             packed = array.array("q", values)
         except (TypeError, OverflowError):
-            packed = array.array("d", values)
+            try:
+                packed = array.array("d", values)
+            except TypeError:       # a value stopped being a number: plan afresh
+                del self.plans[shape]
+                return self.compact(stats)
+        layout = (keys, tuple([(k, stats[k]) for k in name_keys]))
+        layout = self.layouts.setdefault(layout, layout)
         return layout, packed
+
+    def _plan(self, stats):
+        for cache in (self.plans, self.layouts, self.templates):
+            if len(cache) > 20000:  # bounded however domains come and go
+                cache.clear()
+        shown = self.table.json_key
+        keys = tuple(k for k, v in stats.items() if type(v) in NUMBER_TYPES and shown(k))
+        names = tuple(k for k, v in stats.items() if type(v) is str and k.endswith(".name"))
+        return keys, names
+
+    def render(self, when, layout, values):
+        """A record as the JSON text of one sample."""
+        template = self.templates.get(layout)
+        if template is None:
+            template = self.templates[layout] = JsonTemplate(self.table, layout)
+        return template.render(when, values)
 
     def get(self, uuid=None):
         """{uuid: [(time, layout, values), ...]}, oldest first."""
@@ -931,31 +949,66 @@ class PrometheusFormatter(object):
         return "".join(parts)
 
 
-def json_number(value):
-    """Numbers for JSON: NaN and infinities have no JSON spelling."""
+def json_text(value, target):
+    """A value as JSON text in the JSON API's unit; NaN and infinities become null."""
+    if target.json_enum:
+        return '"%s"' % enum_name(target.json_enum, int(value))
+    value = scaled(value, target.json_mul, target.json_div)
     if type(value) is float:
         if value != value or value in (math.inf, -math.inf):
-            return None
-        if value.is_integer() and abs(value) < 2 ** 53:
-            return int(value)
-    return int(value) if type(value) is bool else value
+            return "null"
+        if not value.is_integer() or abs(value) >= 2 ** 53:
+            return repr(value)
+    return str(int(value))
 
 
-def json_sample(table, when, layout, values):
-    """One cAdvisor-like sample from a history record, placed by the metric table."""
+SLOT = "\0%d\0"    # a placeholder json.dumps writes as "\u0000<n>\u0000"
+SLOT_RE = re.compile(r'"\\u0000(\d+)\\u0000"')
+
+
+class JsonTemplate(object):
+    """The JSON text of every sample with one layout, with a slot per value.
+
+    A layout fixes a sample's whole structure (keys, devices, their names),
+    so the structure is built and encoded once; a record then costs a single
+    %-format of its converted values.
+    """
+
+    def __init__(self, table, layout):
+        steps = [(None, None)]  # slot 0: the timestamp
+
+        def slot(index, target):
+            steps.append((index, target))
+            return SLOT % (len(steps) - 1)
+        skeleton = json_skeleton(table, layout, slot)
+        skeleton["timestamp"] = SLOT % 0
+        text = json.dumps(skeleton, separators=(",", ":")).replace("%", "%%")
+        order = []
+
+        def fill(match):
+            order.append(steps[int(match.group(1))])
+            return "%s"
+        self.text = SLOT_RE.sub(fill, text)
+        self.steps = order
+
+    def render(self, when, values):
+        return self.text % tuple(['"%s"' % rfc3339(when) if index is None
+                                  else json_text(values[index], target)
+                                  for index, target in self.steps])
+
+
+def json_skeleton(table, layout, leaf):
+    """A sample's structure, each value given by leaf(index in values, target)."""
     keys, names = layout
     names = dict(names)
-    out = {"timestamp": rfc3339(when)}
+    out = {"timestamp": None}
     devices = {}            # (list path, index) -> that device's entry
-    for key, value in zip(keys, values):
+    for position, key in enumerate(keys):
         for t in table.targets(key):
             if t.json is None:
                 continue
             list_path, field = t.json
-            if t.json_enum:
-                value = enum_name(t.json_enum, int(value))
-            else:
-                value = json_number(scaled(value, t.json_mul, t.json_div))
+            value = leaf(position, t)
             where = out
             if list_path is not None:
                 label, name_key, index = t.devices[0]
@@ -1264,18 +1317,17 @@ class Agent(object):
         return fams
 
     def stats(self, uuid):
-        """{uuid: [sample, ...]} from the history, oldest first."""
-        table = self.sampler.table
-        return dict((u, [json_sample(table, when, layout, values)
-                         for when, layout, values in records])
-                    for u, records in self.sampler.history.get(uuid).items())
+        """JSON text {uuid: [sample, ...]} from the history, oldest first; None if empty."""
+        history = self.sampler.history
+        return stats_text((u, [history.render(*record) for record in records])
+                          for u, records in history.get(uuid).items())
 
     def live_stats(self, uuid):
-        """{uuid: [one fresh sample]}; concurrent callers share one libvirt call."""
+        """JSON text {uuid: [one fresh sample]}; concurrent callers share one libvirt call."""
         sample = self.fresh_sample()
-        compact, table = self.sampler.history.compact, self.sampler.table
-        return dict((u, [json_sample(table, sample.time, *compact(stats))])
-                    for u, _name, stats in sample.domains if uuid is None or u == uuid)
+        history = self.sampler.history
+        return stats_text((u, [history.render(sample.time, *history.compact(stats))])
+                          for u, _name, stats in sample.domains if uuid is None or u == uuid)
 
     def fresh_sample(self):
         sample = self.sampler.fresh_sample(self.live_timeout())
@@ -1311,6 +1363,15 @@ class Agent(object):
             "domains": len(sample.domains),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
+
+
+def stats_text(domains):
+    """{"uuid": [sample, ...], ...} from rendered samples; None when there are none.
+
+    uuids come from libvirt as hex and dashes, so they need no JSON escaping.
+    """
+    parts = ['"%s":[%s]' % (uuid, ",".join(samples)) for uuid, samples in domains]
+    return "{%s}" % ",".join(parts) if parts else None
 
 
 class HTTPError(Exception):
@@ -1494,10 +1555,10 @@ class Handler(BaseHTTPRequestHandler):
             uuid = canonical_uuid(unquote(key))
             if uuid is None:
                 raise HTTPError(404, "not a domain uuid: %r" % unquote(key))
-        stats = self.agent.live_stats(uuid) if live else self.agent.stats(uuid)
-        if uuid is not None and not stats:
+        text = self.agent.live_stats(uuid) if live else self.agent.stats(uuid)
+        if text is None and uuid is not None:
             raise HTTPError(404, "no stats for domain %s" % uuid)
-        self.send_json(200, stats)
+        self.send_body(200, "application/json", (text or "{}").encode("utf-8") + b"\n")
 
     def route_specs(self, query, key=None):
         parse_query(query, {})
