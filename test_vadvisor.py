@@ -652,6 +652,16 @@ class IsoTimeTests(unittest.TestCase):
         self.assertEqual(vadvisor.iso_time("2023-11-14T22:13:20.5Z"), t + 0.5)
         self.assertEqual(vadvisor.iso_time("2023-11-14"), t - (22 * 3600 + 13 * 60 + 20))
 
+    def test_event_timestamps_round_trip_exactly(self):
+        hub = vadvisor.EventHub()
+        for _ in range(200):
+            hub.publish("vm", TEST_UUID, 2, 0)
+            time.sleep(0.0003)
+        for event in hub.events:
+            stamp = json.loads(event.json)["timestamp"]
+            bound = vadvisor.iso_time(stamp)
+            self.assertTrue(vadvisor.EventFilter(start=bound, end=bound)(event), stamp)
+
     def test_garbage(self):
         for text in ("", "yesterday", "2023-13-01", "2023-02-30T00:00:00", "12345",
                      "2023-11-14T25:00:00", "2023-11-14T22:13:20+5"):

@@ -103,8 +103,12 @@ def event_names(event, detail):
 
 def rfc3339(timestamp):
     """UTC time as RFC 3339 with milliseconds and a 'Z'."""
-    seconds = int(timestamp)
-    millis = int((timestamp - seconds) * 1000)
+    return rfc3339_ms(int(timestamp * 1000))
+
+
+def rfc3339_ms(millis):
+    """The same from whole milliseconds, so equal milliseconds print equally."""
+    seconds, millis = divmod(millis, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
 
 
@@ -1109,10 +1113,9 @@ class Event(object):
         # Time in whole milliseconds, as its timestamp shows it, so that a
         # timestamp read from an event is an exact start_time or end_time bound.
         self.id, self.ms, self.type = event_id, int(when * 1000), event_type
-        when = self.ms / 1000.0
         self.json = json.dumps(collections.OrderedDict((
             ("id", event_id), ("domain_name", name), ("domain_id", uuid),
-            ("timestamp", rfc3339(when)), ("event_type", event_type), ("reason", reason))))
+            ("timestamp", rfc3339_ms(self.ms)), ("event_type", event_type), ("reason", reason))))
 
 
 class EventFilter(object):
