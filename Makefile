@@ -11,6 +11,7 @@ PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev
 
 DEMO_PACKAGES = python3-libvirt libvirt-clients
 BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu \
+	$(if $(shell command -v npm),,nodejs npm) \
 	libvirt-clients qemu-system-x86 qemu-utils prometheus curl
 
 .PHONY: demo test testbed deps-demo deps-bench

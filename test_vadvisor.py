@@ -746,6 +746,309 @@ class EventHubTests(unittest.TestCase):
         self.assertEqual(hub.history(vadvisor.EventFilter(), -1), [])
 
 
+# -----------------------------------------------------------------------------
+# StatsD
+# -----------------------------------------------------------------------------
+
+STATSD_LINE_RE = re.compile(r"^([A-Za-z0-9_.\-]+):(-?[0-9][0-9.e+-]*)\|g(?:\|#([^|]*))?$")
+
+
+def statsd_key(uuid, family, labels):
+    """The README's key rule, written independently of the agent."""
+    metric = family[3:].replace("_", ".")
+    devices = []
+    for label, value in labels.items():
+        if label in ("uuid", "name"):
+            continue
+        devices.append(re.sub(r"[^A-Za-z0-9_-]", "_", value)
+                       if label in ("interface", "device", "monitor") else label + value)
+    return ".".join(["vm", uuid] + devices + [metric])
+
+
+def expected_statsd(families):
+    """{key: value} that StatsD should carry for a parsed /metrics body."""
+    found = {}
+    for family, fam in families.items():
+        if family.startswith("vm_"):
+            for _, labels, value in fam["samples"]:
+                found[statsd_key(labels["uuid"], family, labels)] = value
+    return found
+
+
+class UdpReceiver(object):
+    """A StatsD stand-in on loopback that records every datagram with its arrival time."""
+
+    def __init__(self, family=socket.AF_INET, host="127.0.0.1"):
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.2)
+        self.datagrams = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+                self.datagrams.append((time.monotonic(), data))
+            except socket.timeout:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+    def lines(self):
+        return [l for _, d in self.datagrams for l in d.decode().split("\n")]
+
+
+class StatsdFormatTests(unittest.TestCase):
+
+    def sample(self, *records, **kw):
+        return vadvisor.Sample(1, 1700000000.0, 0.01, list(records), kw.get("gone", []))
+
+    def test_keys_values_and_units_follow_the_metric_table(self):
+        table = vadvisor.MetricTable(collect=())
+        sample = self.sample((REAL_UUID, "vadt-1", REAL_RECORD), gone=[("gone-uuid", "old")])
+        lines = [l for group in vadvisor.statsd_lines(table, sample) for l in group]
+        got = {}
+        for line in lines:
+            m = STATSD_LINE_RE.match(line)
+            self.assertIsNotNone(m, line)
+            got[m.group(1)] = float(m.group(2))
+        text = vadvisor.PrometheusFormatter(table).render(sample)
+        self.assertEqual(got, expected_statsd(parse_exposition(self, text)))
+        u = REAL_UUID
+        self.assertEqual(got["vm.%s.up" % u], 1)
+        self.assertEqual(got["vm.gone-uuid.up"], 0)
+        self.assertEqual(got["vm.%s.cpu.seconds.total" % u], REAL_RECORD["cpu.time"] / 1e9)
+        self.assertEqual(got["vm.%s.memory.bytes" % u], REAL_RECORD["balloon.current"] * 1024)
+        self.assertEqual(got["vm.%s.vadt1.network.receive.bytes.total" % u],
+                         REAL_RECORD["net.0.rx.bytes"])
+        self.assertEqual(got["vm.%s.vda.disk.read.bytes.total" % u], REAL_RECORD["block.0.rd.bytes"])
+        self.assertEqual(got["vm.%s.cpu1.vcpu.seconds.total" % u], REAL_RECORD["vcpu.1.time"] / 1e9)
+
+    def test_packets_are_bounded_and_groups_never_split(self):
+        table = vadvisor.MetricTable(collect=("vm",))
+        stats = dict(REAL_RECORD)
+        stats["cpu.time"] = -5000000000
+        groups = vadvisor.statsd_lines(table, self.sample((REAL_UUID, "g", stats)))
+        negative = [g for g in groups if len(g) == 2]
+        self.assertEqual(negative, [("vm.%s.cpu.seconds.total:0|g" % REAL_UUID,
+                                     "vm.%s.cpu.seconds.total:-5.0|g" % REAL_UUID)])
+        for limit in (128, 512, 1432):
+            packets, dropped = vadvisor.statsd_packets(groups, limit)
+            self.assertEqual(dropped, [])
+            self.assertTrue(all(len(p) <= limit for p in packets), limit)
+            lines = [l for p in packets for l in p.decode().split("\n")]
+            self.assertEqual(lines, [l for g in groups for l in g])     # nothing lost or split
+            pair = [p for p in packets if b"cpu.seconds.total:0|g" in p][0]
+            self.assertIn(b"cpu.seconds.total:-5.0|g", pair)
+        packets, dropped = vadvisor.statsd_packets([("x" * 100,), ("short:1|g",)], 64)
+        self.assertEqual((packets, dropped), ([b"short:1|g"], [("x" * 100,)]))
+
+    def test_tags_and_hostile_names(self):
+        table = vadvisor.MetricTable(collect=())
+        stats = {"state.state": 1, "net.count": 1, "net.0.name": "tap.0 x", "net.0.tx.bytes": 7}
+        groups = vadvisor.statsd_lines(table, self.sample((REAL_UUID, 'a b,c|d#e:f', stats)),
+                                       "dc1.vm", tags=True)
+        lines = [g[0] for g in groups]
+        self.assertIn("dc1.vm.up:1|g|#uuid:%s,name:a_b_c_d_e_f" % REAL_UUID, lines)
+        self.assertIn("dc1.vm.network.transmit.bytes.total:7|g|#uuid:%s,name:a_b_c_d_e_f,"
+                      "device:tap_0_x" % REAL_UUID, lines)
+        for line in lines:
+            self.assertIsNotNone(STATSD_LINE_RE.match(line), line)
+        plain = vadvisor.statsd_lines(table, self.sample((REAL_UUID, "n", stats)))
+        self.assertIn(("vm.%s.tap_0_x.network.transmit.bytes.total:7|g" % REAL_UUID,), plain)
+
+    def test_nan_is_not_sent(self):
+        table = vadvisor.MetricTable(collect=())
+        groups = vadvisor.statsd_lines(table, self.sample((REAL_UUID, "n", {"balloon.rss": float("nan"),
+                                                                            "state.state": 1})))
+        keys = [g[0].split(":")[0] for g in groups]
+        self.assertEqual(keys, ["vm.%s.up" % REAL_UUID, "vm.%s.state" % REAL_UUID])   # no rss
+
+
+class StatsdAgentTests(unittest.TestCase):
+    """The agent's StatsD push on test:///default: transport, tags, failures."""
+
+    def test_ipv4_ipv6_and_packets_every_interval(self):
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            receiver = UdpReceiver(family, host)
+            agent = agent_on_test_driver("--statsd-host", host, "--statsd-port", str(receiver.port),
+                                         "--statsd-interval", "0.3")
+            try:
+                time.sleep(1.6)
+                fams = agent.metrics(self)
+            finally:
+                agent.stop()
+                receiver.close()
+            ups = [l for l in receiver.lines() if l.startswith("vm.%s.up:" % TEST_UUID)]
+            self.assertGreaterEqual(len(ups), 3, host)
+            self.assertEqual(set(ups), {"vm.%s.up:1|g" % TEST_UUID})
+            self.assertGreaterEqual(values(fams, "vadvisor_statsd_packets_total")[0], 3)
+            self.assertEqual(values(fams, "vadvisor_statsd_errors_total"), [0])
+
+    def test_tag_mode_and_prefix(self):
+        receiver = UdpReceiver()
+        agent = agent_on_test_driver("--statsd-host", "127.0.0.1", "--statsd-port",
+                                     str(receiver.port), "--statsd-interval", "0.3",
+                                     "--statsd-tags", "--statsd-prefix", "hv1.vm")
+        try:
+            self.assertTrue(wait_for(lambda: receiver.datagrams, 5))
+        finally:
+            agent.stop()
+            receiver.close()
+        self.assertIn("hv1.vm.up:1|g|#uuid:%s,name:test" % TEST_UUID, receiver.lines())
+
+    def check_failing_target(self, *args):
+        agent = agent_on_test_driver("--statsd-interval", "0.2", *args)
+        try:
+            time.sleep(1.5)
+            started = time.monotonic()
+            fams = agent.metrics(self)
+            self.assertLess(time.monotonic() - started, 1.0)
+            self.assertEqual(values(fams, "vm_up", uuid=TEST_UUID), [1])
+            self.assertGreaterEqual(values(fams, "vadvisor_statsd_errors_total")[0], 2)
+            self.assertLess(values(fams, "vadvisor_sample_age_seconds")[0], 2)
+        finally:
+            agent.stop()
+        out = agent.output()
+        self.assertEqual(out.count("StatsD"), 1, out)       # at most once a minute
+        self.assertNotIn("Traceback", out)
+
+    def test_unresolvable_host(self):
+        self.check_failing_target("--statsd-host", "a..b")
+
+    def test_refusing_target(self):
+        self.check_failing_target("--statsd-host", "127.0.0.1", "--statsd-port", str(free_port()))
+
+    def test_oversized_lines_are_dropped_with_a_warning(self):
+        receiver = UdpReceiver()
+        agent = agent_on_test_driver("--statsd-host", "127.0.0.1", "--statsd-port",
+                                     str(receiver.port), "--statsd-interval", "0.3",
+                                     "--statsd-max-packet", "64",
+                                     "--statsd-prefix", "a-prefix-long-enough-to-overflow")
+        try:
+            time.sleep(1.2)
+        finally:
+            agent.stop()
+            receiver.close()
+        self.assertTrue(all(len(d) <= 64 for _, d in receiver.datagrams))
+        self.assertIn("longer than --statsd-max-packet 64", agent.output())
+
+    def test_bad_statsd_flags(self):
+        for args in (["--statsd-prefix", "a..b"], ["--statsd-prefix", "a b"],
+                     ["--statsd-max-packet", "10"], ["--statsd-port", "x"]):
+            proc = subprocess.run([PY, AGENT] + args, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertNotIn(b"Traceback", proc.stderr)
+
+
+STATSD_SERVER = "/var/tmp/vadvisor-test-statsd-0.9.0"
+
+
+def reference_statsd(testcase):
+    """The npm 'statsd' 0.9.0 server, installed once into a machine-local cache."""
+    main = os.path.join(STATSD_SERVER, "node_modules", "statsd", "stats.js")
+    if not os.path.exists(main):
+        npm = shutil.which("npm")
+        proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix",
+                               STATSD_SERVER, "statsd@0.9.0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=300) if npm else None
+        if proc is None or proc.returncode != 0 or not os.path.exists(main):
+            reason = "npm could not install statsd@0.9.0: %s" % (
+                proc.stdout.decode()[-500:] if proc else "npm is missing")
+            if REQUIRE_BENCH:
+                testcase.fail(reason)
+            testcase.skipTest(reason)
+    return main
+
+
+class StatsdReferenceServerTests(unittest.TestCase):
+    """Real guests, the real agent, and the reference StatsD server."""
+
+    @classmethod
+    def setUpClass(cls):
+        Bench.require()
+        Bench.clean()
+        cls.guest = Bench.guest("sd", vcpus=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        Bench.clean()
+
+    def test_udp_lines_equal_metrics_of_the_same_sample(self):
+        receiver = UdpReceiver()
+        # one sample only (--interval 60), so /metrics and StatsD show the same one
+        agent = Agent("--interval", "60", "--statsd-host", "127.0.0.1", "--statsd-port",
+                      str(receiver.port), "--statsd-interval", "0.4", "--statsd-max-packet", "512")
+        try:
+            time.sleep(2.2)
+            fams = agent.metrics(self)
+        finally:
+            agent.stop()
+            receiver.close()
+        self.assertTrue(all(len(d) <= 512 for _, d in receiver.datagrams))
+        bursts = sorted(set(round(t / 0.4) for t, d in receiver.datagrams
+                            if ("vm.%s.up:" % self.guest.UUIDString()).encode() in d))
+        self.assertGreaterEqual(len(bursts), 4)
+        got = {}
+        for line in receiver.lines():
+            m = STATSD_LINE_RE.match(line)
+            self.assertIsNotNone(m, line)
+            got[m.group(1)] = float(m.group(2))
+        self.assertEqual(got, expected_statsd(fams))
+        self.assertGreater(len(got), 40)
+
+    def test_reference_server_receives_every_key(self):
+        main = reference_statsd(self)
+        statsd_port, mgmt_port = free_port(), free_port()
+        config = os.path.join(tempfile.mkdtemp(prefix="vadvisor-statsd-"), "config.js")
+        with open(config, "w") as f:
+            f.write('{port: %d, address: "127.0.0.1", mgmt_port: %d, mgmt_address: "127.0.0.1",'
+                    ' flushInterval: 1000, backends: ["./backends/console"]}\n'
+                    % (statsd_port, mgmt_port))
+        log = tempfile.TemporaryFile()
+        server = subprocess.Popen(["node", main, config], cwd=os.path.dirname(main),
+                                  stdout=log, stderr=subprocess.STDOUT)
+        agent = Agent("--interval", "60", "--statsd-host", "127.0.0.1", "--statsd-port",
+                      str(statsd_port), "--statsd-interval", "0.5")
+        uuid = self.guest.UUIDString()
+
+        def flushed():
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace")
+            return dict((k, float(v)) for k, v in
+                        re.findall(r"'(vm\.[^']+)': (-?[0-9][0-9.e+-]*)", text))
+        try:
+            gauges = wait_for(lambda: "vm.%s.up" % uuid in flushed() and flushed(), 20, 0.5)
+            fams = agent.metrics(self)
+        finally:
+            agent.stop()
+            server.terminate()
+            server.wait(10)
+        self.assertTrue(gauges, "the reference server flushed no vm.* gauges")
+        expected = expected_statsd(fams)
+        virsh = virsh_domstats(self.guest.name())
+        for key in ("vm.%s.up" % uuid, "vm.%s.cpu.seconds.total" % uuid,
+                    "vm.%s.vda.disk.read.bytes.total" % uuid,
+                    "vm.%s.vda.disk.capacity.bytes" % uuid,
+                    "vm.%s.%s.network.receive.bytes.total" % (uuid, virsh["net.0.name"]),
+                    "vm.%s.cpu0.vcpu.seconds.total" % uuid, "vm.%s.memory.bytes" % uuid):
+            self.assertIn(key, gauges)
+            self.assertAlmostEqual(gauges[key], expected[key], places=6)
+        self.assertEqual(gauges["vm.%s.up" % uuid], 1)
+        self.assertEqual(gauges["vm.%s.vda.disk.capacity.bytes" % uuid],
+                         int(virsh["block.0.capacity"]))
+        mine = set(k for k in expected if uuid in k)
+        self.assertEqual(mine - set(gauges), set())
+
+
 class ReadmeTests(unittest.TestCase):
     """The README names every flag and every metric family the agent has."""
 
@@ -760,13 +1063,20 @@ class ReadmeTests(unittest.TestCase):
         for flag in flags:
             self.assertTrue("`%s" % flag in self.readme, "README lacks " + flag)
 
+    def test_every_statsd_key_is_documented(self):
+        for row in vadvisor.METRICS:
+            if "<stat>" not in row.name and row.requires is None:
+                key = vadvisor.statsd_metric(row)
+                self.assertTrue(re.search(r"`vm\.<uuid>\.(\S+\.)?%s`" % re.escape(key),
+                                          self.readme), "README lacks StatsD key " + key)
+
     def test_every_metric_family_is_documented(self):
         for row in vadvisor.METRICS:
             self.assertTrue("`%s" % row.name in self.readme, "README lacks " + row.name)
-        agent = vadvisor.Agent.__new__(vadvisor.Agent)
-        agent.sampler = vadvisor.Sampler(None, vadvisor.MetricTable(), 0)
-        agent.hypervisor = vadvisor.Hypervisor("test:///default")
-        agent.hub = vadvisor.EventHub()
+        sampler = vadvisor.Sampler(None, vadvisor.MetricTable(), 0)
+        agent = vadvisor.Agent(vadvisor.parse_args([]), vadvisor.Hypervisor("test:///default"),
+                               sampler, None, vadvisor.EventHub(),
+                               vadvisor.StatsdEmitter(sampler, "localhost"))
         for name, _, _, _ in agent.self_metrics(agent.sampler.latest):
             self.assertTrue("`%s" % name in self.readme, "README lacks " + name)
 

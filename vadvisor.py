@@ -868,6 +868,29 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
+def sample_series(table, sample):
+    """Every exported value of a sample, by the metric table, in base units:
+    (uuid, name, family, ((label, value), ...), number).  Every format uses it."""
+    targets = table.targets
+    vm_up = table.families["vm_up"]
+    for uuid, name, stats in sample.domains:
+        for key, value in stats.items():
+            if type(value) not in NUMBER_TYPES:
+                continue
+            for t in targets(key):
+                if t.family is vm_up:
+                    number = 1 if value == 1 else 0
+                else:
+                    number = scaled(value, t.mul, t.div)
+                devices = ()
+                if t.devices:
+                    devices = tuple((label, str(stats.get(name_key, index)) if name_key else index)
+                                    for label, name_key, index in t.devices)
+                yield uuid, name, t.family, devices, number
+    for uuid, name in sample.gone:
+        yield uuid, name, vm_up, (), 0
+
+
 def escape_label(value):
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
@@ -922,25 +945,12 @@ class PrometheusFormatter(object):
     def series(self, sample):
         """{family: [line, ...]} for every domain of the sample."""
         buckets = collections.defaultdict(list)
-        targets = self.table.targets
-        vm_up = self.table.families["vm_up"]
-        for uuid, name, stats in sample.domains:
-            prefix = self.prefix(uuid, name)
-            for key, value in stats.items():
-                if type(value) not in NUMBER_TYPES:
-                    continue
-                for t in targets(key):
-                    number = value
-                    if t.family is vm_up:
-                        number = 1 if value == 1 else 0
-                    labels = prefix
-                    for label, name_key, index in t.devices:
-                        device = stats.get(name_key, index) if name_key else index
-                        labels += ',%s="%s"' % (label, escape_label(str(device)))
-                    buckets[t.family].append("%s{%s} %s\n" % (
-                        t.family.name, labels, format_number(scaled(number, t.mul, t.div))))
-        for uuid, name in sample.gone:
-            buckets[vm_up].append("vm_up{%s} 0\n" % self.prefix(uuid, name))
+        prefix = self.prefix
+        for uuid, name, family, devices, number in sample_series(self.table, sample):
+            labels = prefix(uuid, name)
+            for label, device in devices:
+                labels += ',%s="%s"' % (label, escape_label(device))
+            buckets[family].append("%s{%s} %s\n" % (family.name, labels, format_number(number)))
         return buckets
 
     def render(self, sample, openmetrics=False):
@@ -1083,6 +1093,157 @@ def element_json(elem):
             obj[key] = [obj[key], value]
             repeated.add(key)
     return obj
+
+
+# -- StatsD ----------------------------------------------------------------------
+#
+# Keys: <prefix>.<uuid>.<metric> and <prefix>.<uuid>.<device>.<metric>, where
+# <metric> is the Prometheus family name without "vm_", "_" turned into ".",
+# and <device> is the device's name (interface, disk, monitor) or, for an
+# index, the label and the index ("cpu0", "iothread1", "node0").  Every value
+# is an absolute gauge in base units: a "|c" counter would be read as an
+# increment, and nanoseconds lose precision in StatsD's JavaScript numbers.
+
+STATSD_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_\-]")
+STATSD_TAG_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def statsd_word(text):
+    """A key segment the reference server keeps as it is (no '.', which separates)."""
+    return STATSD_UNSAFE_RE.sub("_", text) or "_"
+
+
+def statsd_metric(family):
+    return family.name[3:].replace("_", ".") if family.name.startswith("vm_") \
+        else family.name.replace("_", ".")
+
+
+def statsd_device(devices):
+    """'vda', 'cpu0', 'mon0.node1': the device part of a key or tag."""
+    return ".".join(statsd_word(value) if label in NAMED_DEVICES else label + value
+                    for label, value in devices)
+
+
+def statsd_value(number):
+    """The value part; a negative gauge is sent as a reset to 0 then a delta,
+    since '-5|g' alone means 'subtract 5'.  Both go into one datagram."""
+    text = format_number(number)
+    return ("0|g", text + "|g") if number < 0 else (text + "|g",)
+
+
+def statsd_lines(table, sample, prefix="vm", tags=False):
+    """[(line, ...)] per value: the lines of one group must share a datagram."""
+    groups = []
+    for uuid, name, family, devices, number in sample_series(table, sample):
+        if number != number or number in (math.inf, -math.inf):
+            continue    # StatsD has no spelling for NaN or infinity
+        metric = statsd_metric(family)
+        if tags:
+            key = "%s.%s" % (prefix, metric)
+            tag = "|#uuid:%s,name:%s" % (uuid, STATSD_TAG_UNSAFE_RE.sub("_", name))
+            if devices:
+                tag += ",device:" + statsd_device(devices)
+        else:
+            parts = [prefix, uuid] + ([statsd_device(devices)] if devices else []) + [metric]
+            key, tag = ".".join(parts), ""
+        groups.append(tuple("%s:%s%s" % (key, value, tag) for value in statsd_value(number)))
+    return groups
+
+
+def statsd_packets(groups, max_size):
+    """Datagrams of at most max_size bytes; a group never split.
+
+    Returns (packets, dropped groups that alone exceed max_size)."""
+    packets, dropped, current, size = [], [], [], 0
+    for group in groups:
+        data = "\n".join(group).encode("utf-8")
+        if len(data) > max_size:
+            dropped.append(group)
+            continue
+        if current and size + 1 + len(data) > max_size:
+            packets.append(b"\n".join(current))
+            current, size = [], 0
+        size += len(data) + (1 if current else 0)
+        current.append(data)
+    if current:
+        packets.append(b"\n".join(current))
+    return packets, dropped
+
+
+class StatsdEmitter(object):
+    """Sends the latest sample to StatsD every --statsd-interval seconds.
+
+    Its own thread: a dead, unresolvable or refusing target costs this thread
+    time, never the sampler's or a request's.  The host name is resolved again
+    every interval; errors are counted and logged at most once a minute.
+    """
+
+    def __init__(self, sampler, host, port=8125, interval=15.0, prefix="vm", tags=False,
+                 max_packet=1432):
+        self.sampler, self.host, self.port = sampler, host, port
+        self.interval, self.prefix, self.tags, self.max_packet = interval, prefix, tags, max_packet
+        self.packets_total = 0
+        self.errors_total = 0
+        self.last_warning = 0.0
+        self.sock = self.address = None
+        self.stopping = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self.run, name="statsd", daemon=True).start()
+
+    def stop(self):
+        self.stopping.set()
+
+    def run(self):
+        while not self.stopping.wait(self.interval):
+            try:
+                self.send(self.sampler.latest)
+            except Exception as exc:  # never let the emitter thread die
+                self.failed("StatsD push failed: %s" % exc)
+
+    def send(self, sample):
+        if not sample.time:
+            return      # nothing sampled yet
+        groups = statsd_lines(self.sampler.table, sample, self.prefix, self.tags)
+        packets, dropped = statsd_packets(groups, self.max_packet)
+        if dropped:
+            self.failed("%d StatsD lines longer than --statsd-max-packet %d dropped, e.g. %s"
+                        % (len(dropped), self.max_packet, dropped[0][0][:80]), len(dropped))
+        try:
+            sock = self.connect()
+            for packet in packets:
+                sock.send(packet)
+                self.packets_total += 1
+        except (OSError, UnicodeError) as exc:
+            self.disconnect()
+            self.failed("StatsD %s:%d: %s" % (self.host, self.port, exc))
+
+    def connect(self):
+        """A UDP socket connected to the host's current address.
+
+        Connected and kept, so an ICMP refusal of one datagram shows up as an
+        error on a later send instead of passing unnoticed."""
+        family, _, _, _, address = socket.getaddrinfo(self.host, self.port, 0,
+                                                      socket.SOCK_DGRAM)[0]
+        if self.sock is None or address != self.address:
+            self.disconnect()
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.sock.connect(address)
+            self.address = address
+        return self.sock
+
+    def disconnect(self):
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.address = None
+
+    def failed(self, message, count=1):
+        self.errors_total += count
+        now = time.monotonic()
+        if now - self.last_warning >= 60 or not self.last_warning:
+            self.last_warning = now
+            log.warning("%s (errors so far: %d; logged at most once a minute)",
+                        message, self.errors_total)
 
 
 def render_families(families, openmetrics=False):
@@ -1253,12 +1414,13 @@ class EventHub(object):
 class Agent(object):
     """Everything the HTTP handler needs, wired together by main()."""
 
-    def __init__(self, args, hypervisor, sampler, formatter, hub):
+    def __init__(self, args, hypervisor, sampler, formatter, hub, statsd=None):
         self.args = args
         self.hypervisor = hypervisor
         self.sampler = sampler
         self.formatter = formatter
         self.hub = hub
+        self.statsd = statsd
         self.started = time.time()
         self.render_lock = threading.Lock()
 
@@ -1316,6 +1478,11 @@ class Agent(object):
             ("vadvisor_events_total", COUNTER, "Lifecycle events received, by type.",
              [((("event_type", t),), n) for t, n in sorted(self.hub.counts.items())]),
             ("vadvisor_event_streams", GAUGE, "Open event streams.", [((), self.hub.streams())]),
+            ("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
+             [((), self.statsd.packets_total if self.statsd else 0)]),
+            ("vadvisor_statsd_errors_total", COUNTER,
+             "StatsD failures: unresolved host, refused or failed sends, oversized lines.",
+             [((), self.statsd.errors_total if self.statsd else 0)]),
         ]
         return fams
 
@@ -1751,6 +1918,18 @@ def parse_args(argv=None):
                    help="concurrent event streams; more get 503 (default: %(default)s)")
     p.add_argument("--stream-keepalive", type=positive_float, default=15.0, metavar="SECONDS",
                    help="keep-alive period of idle event streams (default: %(default)s)")
+    p.add_argument("--statsd-host", metavar="HOST",
+                   help="push every metric to this StatsD server (default: no push)")
+    p.add_argument("--statsd-port", type=port_number, default=8125,
+                   help="StatsD UDP port (default: %(default)s)")
+    p.add_argument("--statsd-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                   help="StatsD push period (default: %(default)s)")
+    p.add_argument("--statsd-prefix", type=statsd_prefix, default="vm", metavar="PREFIX",
+                   help="first part of every StatsD key (default: %(default)s)")
+    p.add_argument("--statsd-tags", action="store_true",
+                   help="DogStatsD tags for uuid, name and device instead of key parts")
+    p.add_argument("--statsd-max-packet", type=packet_size, default=1432, metavar="BYTES",
+                   help="largest StatsD datagram payload (default: %(default)s)")
     p.add_argument("--client-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="drop an HTTP client that sends nothing for this long (default: %(default)s)")
     p.add_argument("--once", action="store_true",
@@ -1793,6 +1972,24 @@ def port_number(text):
         raise argparse.ArgumentTypeError("%r is not a port number" % text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("port %d is out of range 0-65535" % value)
+    return value
+
+
+def statsd_prefix(text):
+    parts = text.split(".")
+    if not all(parts) or any(STATSD_UNSAFE_RE.search(p) for p in parts):
+        raise argparse.ArgumentTypeError(
+            "%r: use letters, digits, '_' and '-', in parts separated by '.'" % text)
+    return text
+
+
+def packet_size(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if not 64 <= value <= 65507:
+        raise argparse.ArgumentTypeError("%d is out of range 64-65507" % value)
     return value
 
 
@@ -1847,7 +2044,11 @@ def main(argv=None):
     hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
                       args.history, args.down_minutes * 60)
-    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub)
+    statsd = None
+    if args.statsd_host:
+        statsd = StatsdEmitter(sampler, args.statsd_host, args.statsd_port, args.statsd_interval,
+                               args.statsd_prefix, args.statsd_tags, args.statsd_max_packet)
+    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub, statsd)
     handler = type("AgentHandler", (Handler,), {"agent": agent, "timeout": args.client_timeout})
     try:
         server = make_server(args.listen, args.port, handler)
@@ -1856,6 +2057,8 @@ def main(argv=None):
                          % (args.listen or "*", args.port, exc.strerror or exc))
         return 1
     sampler.start()
+    if statsd is not None:
+        statsd.start()
     stop = threading.Event()
 
     def shutdown(signum, _frame):
