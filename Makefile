@@ -12,7 +12,7 @@ PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev
 DEMO_PACKAGES = python3-libvirt libvirt-clients
 BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu \
 	$(if $(shell command -v npm),,nodejs npm) \
-	libvirt-clients qemu-system-x86 qemu-utils prometheus curl
+	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
 
 .PHONY: demo test testbed deps-demo deps-bench
 
@@ -49,3 +49,50 @@ if [ -n "$$missing" ]; then \
   else echo "missing packages (install them as root):" $$missing; fi; \
 fi
 endef
+
+# -- packaging and installation ------------------------------------------------
+#   make rpm                         noarch RPM into build/rpm/RPMS/noarch (offline)
+#   make install [DESTDIR=] [PREFIX=/usr]   the same files without RPM
+#   make uninstall                   removes them again (keeps the config file)
+#   make rpmlint                     the RPM and its spec through rpmlint
+
+RPM_DIR ?= $(CURDIR)/build/rpm
+PREFIX ?= /usr
+BINDIR ?= $(PREFIX)/bin
+DOCDIR ?= $(PREFIX)/share/doc/vadvisor
+MANDIR ?= $(PREFIX)/share/man
+UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/systemd/system,/etc/systemd/system)
+CONFFILE ?= /etc/default/vadvisor
+
+.PHONY: rpm rpmlint deps-rpm install uninstall
+
+deps-rpm:
+	@$(call apt_install,rpm rpmlint)
+
+rpm: deps-rpm
+	rm -rf "$(RPM_DIR)" && mkdir -p "$(RPM_DIR)/SOURCES"
+	cp vadvisor.py vadvisor.service README.md LICENSE contrib/vadvisor.sysconfig contrib/vadvisor.1 \
+	  "$(RPM_DIR)/SOURCES/"
+	rpmbuild --quiet --define "_topdir $(RPM_DIR)" \
+	  --define "vadvisor_version $$($(PY) vadvisor.py --version | cut -d' ' -f2)" -bb vadvisor.spec
+	@ls "$(RPM_DIR)"/RPMS/noarch/*.rpm
+
+install:
+	install -D -m 0755 vadvisor.py "$(DESTDIR)$(BINDIR)/vadvisor"
+	mkdir -p "$(DESTDIR)$(UNITDIR)"
+	sed 's|/usr/bin/vadvisor|$(BINDIR)/vadvisor|' vadvisor.service > "$(DESTDIR)$(UNITDIR)/vadvisor.service"
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/vadvisor.service"
+	[ -e "$(DESTDIR)$(CONFFILE)" ] || install -D -m 0644 contrib/vadvisor.sysconfig "$(DESTDIR)$(CONFFILE)"
+	install -D -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	install -D -m 0644 LICENSE "$(DESTDIR)$(DOCDIR)/LICENSE"
+	install -D -m 0644 contrib/vadvisor.1 "$(DESTDIR)$(MANDIR)/man1/vadvisor.1"
+	@[ -n "$(DESTDIR)" ] || echo "installed; now: systemctl daemon-reload && systemctl enable --now vadvisor"
+
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/vadvisor" "$(DESTDIR)$(UNITDIR)/vadvisor.service"
+	rm -f "$(DESTDIR)$(DOCDIR)/README.md" "$(DESTDIR)$(DOCDIR)/LICENSE" "$(DESTDIR)$(MANDIR)/man1/vadvisor.1"
+	-rmdir "$(DESTDIR)$(DOCDIR)" 2>/dev/null
+	@echo "kept $(DESTDIR)$(CONFFILE) (your options); remove it by hand if unwanted"
+
+rpmlint: rpm
+	rpmlint -c contrib/rpmlint.toml vadvisor.spec "$(RPM_DIR)"/RPMS/noarch/*.rpm

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -274,13 +275,15 @@ class Agent(object):
     def __init__(self, *args):
         self.port = free_port()
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args),
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = self._popen(
+            [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args))
         ok = wait_for(self._answers, 15)
         if not ok:
             self.stop()
             raise AssertionError("agent did not start: %s" % self.output())
+
+    def _popen(self, args):
+        return subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
 
     def _answers(self):
         try:
@@ -1049,6 +1052,318 @@ class StatsdReferenceServerTests(unittest.TestCase):
         self.assertEqual(mine - set(gauges), set())
 
 
+# -----------------------------------------------------------------------------
+# operations: systemd notify, the unit, the RPM, make install, alert rules
+# -----------------------------------------------------------------------------
+
+def need_tool(testcase, name, package):
+    path = shutil.which(name)
+    if path is None:
+        reason = "%s is missing (apt-get install %s)" % (name, package)
+        if REQUIRE_BENCH:
+            testcase.fail(reason)
+        testcase.skipTest(reason)
+    return path
+
+
+def run(args, **kw):
+    return subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=kw.pop("timeout", 300), **kw)
+
+
+class NotifyReceiver(object):
+    """A stand-in for systemd's notify socket: a unix datagram socket."""
+
+    def __init__(self, abstract=False):
+        if abstract:
+            self.address = "\0vadvisor-test-%d-%d" % (os.getpid(), free_port())
+            self.env = "@" + self.address[1:]
+        else:
+            self.dir = tempfile.mkdtemp(prefix="vadvisor-notify-")
+            self.address = self.env = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.address)
+        self.sock.settimeout(0.1)
+        self.messages = []      # (monotonic time, [lines])
+
+    def read(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096)
+                self.messages.append((time.monotonic(), data.decode().split("\n")))
+            except socket.timeout:
+                pass
+
+    def lines(self):
+        return [l for _, lines in self.messages for l in lines]
+
+
+class NotifyAgent(Agent):
+    """An agent started with systemd's notify environment."""
+
+    def __init__(self, receiver, *args, **env):
+        self.env = dict(os.environ, NOTIFY_SOCKET=receiver.env, **env)
+        Agent.__init__(self, *args)
+
+    def _popen(self, args):
+        return subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+
+
+class SystemdNotifyTests(unittest.TestCase):
+
+    def check_lifecycle(self, abstract):
+        receiver = NotifyReceiver(abstract)
+        agent = NotifyAgent(receiver, "--connect", "test:///default", WATCHDOG_USEC="1000000")
+        try:
+            receiver.read(2.6)
+            lines = receiver.lines()
+            self.assertEqual(lines.count("READY=1"), 1)
+            first = receiver.messages[0][1]
+            self.assertEqual(first[0], "READY=1")      # READY comes first, once bound
+            beats = [t for t, l in receiver.messages if "WATCHDOG=1" in l]
+            self.assertGreaterEqual(len(beats), 4)      # every 0.5 s: half of WATCHDOG_USEC
+            gaps = [b - a for a, b in zip(beats, beats[1:])]
+            self.assertLess(max(gaps), 0.9)
+            status = [l for l in lines if l.startswith("STATUS=")][-1]
+            self.assertIn("1 domains", status)
+            self.assertIn("libvirt connected", status)
+            stream = StreamClient(agent.port)
+            self.assertEqual(stream.status, 200)
+            started = time.monotonic()
+            self.assertEqual(agent.stop(), 0)
+            self.assertLess(time.monotonic() - started, 2.0)
+            self.assertTrue(stream.until(lambda t: False, 2) or stream.ended, "stream not closed")
+            stream.close()
+            receiver.read(0.3)
+            self.assertIn("STOPPING=1", receiver.lines())
+        finally:
+            agent.stop()
+
+    def test_notify_on_a_path_socket(self):
+        needs_libvirt(self)
+        self.check_lifecycle(abstract=False)
+
+    def test_notify_on_an_abstract_socket(self):
+        needs_libvirt(self)
+        self.check_lifecycle(abstract=True)
+
+    def test_silent_without_notify_socket(self):
+        needs_libvirt(self)
+        notifier = vadvisor.SystemdNotifier({})
+        notifier.ready("x")
+        notifier.beat(lambda: "x")
+        self.assertIsNone(notifier.sock)
+
+    def test_watchdog_pid_of_another_process_is_ignored(self):
+        notifier = vadvisor.SystemdNotifier({"NOTIFY_SOCKET": "/nonexistent",
+                                             "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+        self.assertFalse(notifier.watchdog)
+        notifier = vadvisor.SystemdNotifier({"NOTIFY_SOCKET": "/nonexistent",
+                                             "WATCHDOG_USEC": "1000000",
+                                             "WATCHDOG_PID": str(os.getpid())})
+        self.assertEqual((notifier.watchdog, notifier.every), (True, 0.5))
+
+
+class UnitFileTests(unittest.TestCase):
+
+    def test_security_exposure_is_low(self):
+        analyze = need_tool(self, "systemd-analyze", "systemd")
+        proc = run([analyze, "security", "--offline=true", os.path.join(HERE, "vadvisor.service")])
+        m = re.search(r"Overall exposure level for vadvisor.service: ([0-9.]+)", proc.stdout.decode())
+        self.assertIsNotNone(m, proc.stdout.decode())
+        self.assertLessEqual(float(m.group(1)), 2.0)
+        with open(os.path.join(HERE, "README.md")) as f:
+            self.assertIn("rates its exposure %s" % m.group(1), f.read())
+
+    def test_unit_essentials(self):
+        with open(os.path.join(HERE, "vadvisor.service")) as f:
+            unit = f.read()
+        for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes",
+                     "EnvironmentFile=-/etc/sysconfig/vadvisor",
+                     "EnvironmentFile=-/etc/default/vadvisor",
+                     "ExecStart=/usr/bin/vadvisor $VADVISOR_OPTS", "libvirtd.service",
+                     "virtqemud.service"):
+            self.assertIn(line, unit)
+
+
+class PackagingTests(unittest.TestCase):
+    """make rpm, the RPM's promises, its payload running, make install/uninstall."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="vadvisor-rpm-")
+        cls.rpm_dir = os.path.join(cls.tmp, "rpm")
+        cls.build = run(["make", "-C", HERE, "--no-print-directory", "rpm",
+                         "RPM_DIR=" + cls.rpm_dir])
+        found = [os.path.join(cls.rpm_dir, "RPMS", "noarch", n) for n in
+                 os.listdir(os.path.join(cls.rpm_dir, "RPMS", "noarch"))] \
+            if cls.build.returncode == 0 else []
+        cls.rpm = found[0] if len(found) == 1 else None
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def setUp(self):
+        need_tool(self, "rpmbuild", "rpm")
+        self.assertIsNotNone(self.rpm, self.build.stdout.decode()[-2000:])
+
+    def query(self, *args):
+        proc = run(["rpm", "-qp"] + list(args) + [self.rpm])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        return proc.stdout.decode()
+
+    def test_name_version_and_arch(self):
+        self.assertEqual(os.path.basename(self.rpm), "vadvisor-%s-1.noarch.rpm" % vadvisor.VERSION)
+        with open(os.path.join(HERE, "vadvisor.spec")) as f:
+            fallback = re.search(r"%global vadvisor_version (\S+)\}", f.read()).group(1)
+        self.assertEqual(fallback, vadvisor.VERSION)
+
+    def test_file_list(self):
+        files = set(self.query("-l").split())
+        self.assertEqual(files, {
+            "/usr/bin/vadvisor", "/usr/lib/systemd/system/vadvisor.service",
+            "/etc/sysconfig/vadvisor", "/usr/share/man/man1/vadvisor.1.gz",
+            "/usr/share/doc/vadvisor-%s" % vadvisor.VERSION,
+            "/usr/share/doc/vadvisor-%s/README.md" % vadvisor.VERSION,
+            "/usr/share/licenses/vadvisor-%s" % vadvisor.VERSION,
+            "/usr/share/licenses/vadvisor-%s/LICENSE" % vadvisor.VERSION})
+        self.assertEqual(self.query("-c").split(), ["/etc/sysconfig/vadvisor"])
+        self.assertIn("/etc/sysconfig/vadvisor", self.query("--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]"))
+        self.assertRegex(self.query("--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]"),
+                         r"/etc/sysconfig/vadvisor cn")    # %config(noreplace)
+
+    def test_requirements_and_scriptlets(self):
+        requires = self.query("--requires")
+        self.assertIn("python3-libvirt", requires)
+        self.assertEqual(self.query("--qf", "%{ARCH}"), "noarch")
+        scripts = self.query("--scripts")
+        for phase in ("postinstall", "preuninstall", "postuninstall"):
+            self.assertIn(phase, scripts)
+        self.assertIn("systemctl", scripts)
+        self.assertIn("try-restart vadvisor.service", scripts)
+        self.assertIn("disable --now vadvisor.service", scripts)
+
+    def test_payload_runs(self):
+        root = os.path.join(self.tmp, "root")
+        os.makedirs(root, exist_ok=True)
+        proc = subprocess.run("rpm2cpio %s | cpio -idm --quiet" % self.rpm, shell=True, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        binary = os.path.join(root, "usr", "bin", "vadvisor")
+        with open(binary) as f:
+            self.assertEqual(f.readline(), "#!/usr/bin/python3\n")
+        proc = run([binary, "--version"])
+        self.assertEqual(proc.stdout.decode().strip(), "vadvisor " + vadvisor.VERSION)
+        needs_libvirt(self)
+        proc = run([binary, "--once", "--connect", "test:///default"])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        self.assertIn(('vm_up{uuid="%s",name="test"} 1' % TEST_UUID).encode(), proc.stdout)
+        # the unit as packaged verifies, given the system's own units beside it
+        analyze = need_tool(self, "systemd-analyze", "systemd")
+        system_units = "/usr/lib/systemd/system"
+        for name in os.listdir(system_units):
+            source = os.path.join(system_units, name)
+            target = os.path.join(root, system_units.lstrip("/"), name)
+            if os.path.lexists(target) or os.path.isdir(source):
+                continue
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), target)
+            else:
+                shutil.copy2(source, target)
+        proc = run([analyze, "verify", "--root=" + root, "vadvisor.service"])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+
+    def test_rpmlint_is_clean(self):
+        need_tool(self, "rpmlint", "rpmlint")
+        proc = run(["rpmlint", "-c", os.path.join(HERE, "contrib", "rpmlint.toml"),
+                    os.path.join(HERE, "vadvisor.spec"), self.rpm])
+        out = proc.stdout.decode()
+        self.assertEqual(proc.returncode, 0, out)
+        self.assertIn("0 errors, 0 warnings", out)
+
+    def test_make_install_and_uninstall(self):
+        dest = os.path.join(self.tmp, "dest")
+        proc = run(["make", "-C", HERE, "--no-print-directory", "install", "DESTDIR=" + dest])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        installed = sorted(os.path.relpath(os.path.join(d, f), dest)
+                           for d, _, fs in os.walk(dest) for f in fs)
+        self.assertEqual(installed, ["etc/default/vadvisor", "usr/bin/vadvisor",
+                                     "usr/lib/systemd/system/vadvisor.service",
+                                     "usr/share/doc/vadvisor/LICENSE",
+                                     "usr/share/doc/vadvisor/README.md",
+                                     "usr/share/man/man1/vadvisor.1"])
+        self.assertTrue(os.access(os.path.join(dest, "usr/bin/vadvisor"), os.X_OK))
+        with open(os.path.join(dest, "etc/default/vadvisor"), "a") as f:
+            f.write('VADVISOR_OPTS="--port 9999"\n')
+        run(["make", "-C", HERE, "--no-print-directory", "install", "DESTDIR=" + dest])
+        with open(os.path.join(dest, "etc/default/vadvisor")) as f:
+            self.assertIn("9999", f.read())          # a reinstall keeps the operator's options
+        local = os.path.join(self.tmp, "local")
+        run(["make", "-C", HERE, "--no-print-directory", "install", "DESTDIR=" + local,
+             "PREFIX=/usr/local"])
+        with open(os.path.join(local, "etc/systemd/system/vadvisor.service")) as f:
+            self.assertIn("ExecStart=/usr/local/bin/vadvisor $VADVISOR_OPTS", f.read())
+        proc = run(["make", "-C", HERE, "--no-print-directory", "uninstall", "DESTDIR=" + dest])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        left = [os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs]
+        self.assertEqual(left, ["etc/default/vadvisor"])
+
+
+class PrometheusSideTests(unittest.TestCase):
+
+    def test_alert_rules_check_and_unit_tests(self):
+        promtool = need_tool(self, "promtool", "prometheus")
+        contrib = os.path.join(HERE, "contrib")
+        proc = run([promtool, "check", "rules", "vadvisor-alerts.yml"], cwd=contrib)
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        self.assertIn(b"5 rules found", proc.stdout)
+        proc = run([promtool, "test", "rules", "vadvisor-alerts.test.yml"], cwd=contrib)
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        with open(os.path.join(contrib, "vadvisor-alerts.test.yml")) as f:
+            tested = set(re.findall(r"alertname: (\w+)", f.read()))
+        with open(os.path.join(contrib, "vadvisor-alerts.yml")) as f:
+            self.assertEqual(tested, set(re.findall(r"alert: (\w+)", f.read())))
+
+    def test_scrape_config_is_valid(self):
+        promtool = need_tool(self, "promtool", "prometheus")
+        proc = run([promtool, "check", "config", "prometheus-scrape.yml"],
+                   cwd=os.path.join(HERE, "contrib"))
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+
+
+VERMIN_VENV = "/var/tmp/vadvisor-test-vermin"
+
+
+class PythonFloorTests(unittest.TestCase):
+
+    def test_runs_on_python_36(self):
+        """A static check: vermin, in a throw-away venv, finds nothing newer than 3.6."""
+        vermin = os.path.join(VERMIN_VENV, "bin", "vermin")
+        if not os.path.exists(vermin):
+            for python in (shutil.which("python3"), "/usr/bin/python3"):
+                if python and run([python, "-m", "venv", "--clear", VERMIN_VENV]).returncode == 0:
+                    run([os.path.join(VERMIN_VENV, "bin", "pip"), "install", "-q", "vermin"])
+                    break
+        if not os.path.exists(vermin):
+            reason = "vermin could not be installed into a venv (python3-venv, PyPI)"
+            if REQUIRE_BENCH:
+                self.fail(reason)
+            self.skipTest(reason)
+        proc = run([vermin, "--no-tips", "--violations", "-t=3.6-", AGENT])
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+
+    def test_no_newer_syntax_by_hand(self):
+        with open(AGENT) as f:
+            source = f.read()
+        self.assertNotIn("capture_output", source)
+        self.assertNotIn("dataclass", source)
+        self.assertNotIn("from __future__ import annotations", source)
+        self.assertNotRegex(source, r"[^=!<>]:=[^=]")     # walrus
+        self.assertIn("except ImportError:  # Python 3.6 has no ThreadingHTTPServer", source)
+
+
 class ReadmeTests(unittest.TestCase):
     """The README names every flag and every metric family the agent has."""
 
@@ -1062,6 +1377,14 @@ class ReadmeTests(unittest.TestCase):
         self.assertGreater(len(flags), 10)
         for flag in flags:
             self.assertTrue("`%s" % flag in self.readme, "README lacks " + flag)
+
+    def test_man_page_names_every_flag(self):
+        help_text = subprocess.run([PY, AGENT, "--help"], stdout=subprocess.PIPE).stdout.decode()
+        with open(os.path.join(HERE, "contrib", "vadvisor.1")) as f:
+            man = f.read().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
+        for flag in set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}:
+            self.assertIn(flag, man)
+        self.assertIn('"vadvisor %s"' % vadvisor.VERSION, man)
 
     def test_every_statsd_key_is_documented(self):
         for row in vadvisor.METRICS:
@@ -1829,6 +2152,31 @@ class RealLibvirtTests(unittest.TestCase):
             # and the live sample went into the history
             status, _, body = agent.get("/api/v1.0/stats/" + self.a.UUIDString())
             self.assertIn(bodies[0][self.a.UUIDString()][0], json.loads(body)[self.a.UUIDString()])
+        finally:
+            agent.stop()
+
+    def test_watchdog_stops_while_libvirt_hangs(self):
+        daemon = subprocess.run(["pgrep", "-x", "-o", "libvirtd|virtqemud"],
+                                stdout=subprocess.PIPE).stdout.split()
+        self.assertTrue(daemon, "no libvirtd or virtqemud process")
+        pid = int(daemon[0])
+        receiver = NotifyReceiver()
+        agent = NotifyAgent(receiver, "--interval", "0.3", WATCHDOG_USEC="1000000")
+        try:
+            receiver.read(1.5)
+            self.assertGreaterEqual(receiver.lines().count("WATCHDOG=1"), 2)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                receiver.read(3.0)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            late = [t for t, l in receiver.messages if "WATCHDOG=1" in l and t > stopped + 1.0]
+            self.assertEqual(late, [], "WATCHDOG=1 kept coming while libvirt hung")
+            resumed = time.monotonic()
+            receiver.read(3.0)
+            self.assertTrue([t for t, l in receiver.messages if "WATCHDOG=1" in l and t > resumed],
+                            "WATCHDOG=1 did not resume")
         finally:
             agent.stop()
 

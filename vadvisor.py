@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit, unquote
 
 try:
-    from http.server import ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer  # novermin: the except branch serves 3.6
 except ImportError:  # Python 3.6 has no ThreadingHTTPServer
     import socketserver; ThreadingHTTPServer = type("ThreadingHTTPServer", (socketserver.ThreadingMixIn, HTTPServer), {})
 
@@ -441,6 +441,7 @@ class Sampler(object):
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
+        self.heartbeat = None               # called from the sampling loop
         self.thread = None
 
     # -- one sample --------------------------------------------------------
@@ -522,12 +523,29 @@ class Sampler(object):
             began = time.monotonic()
             rest = self.round()
             ended = time.monotonic()
-            if self.wakeup.wait(max(self.interval - (ended - began), rest)):
+            if self.pause(max(self.interval - (ended - began), rest)):
                 # Woken by a live request: keep the 3x rest, and gather the
                 # burst it may belong to so that the burst shares one call.
                 remaining = rest - (time.monotonic() - ended)
                 self.stopping.wait(max(remaining, LIVE_GATHER_SECONDS))
             self.wakeup.clear()
+
+    def pause(self, seconds):
+        """Waits until a live request (True) or the end of the pause (False).
+
+        Beats the heartbeat every 0.2 s meanwhile (it decides what to send): the loop is
+        alive even while libvirt is down.  A libvirt call that hangs stops the
+        beat, which is what the systemd watchdog is for.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.heartbeat is not None:
+                self.heartbeat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.wakeup.wait(min(left, 0.2)):
+                return True
 
     def round(self):
         """One sample; returns the minimum rest before the next one."""
@@ -1518,6 +1536,13 @@ class Agent(object):
             spec = specs.get(key, sample.seq, self.live_timeout())
         return spec
 
+    def status(self):
+        """One line for systemd's STATUS=."""
+        sample = self.sampler.latest
+        age = "%.1f s" % (time.time() - sample.time) if sample.time else "none yet"
+        return "%d domains, last sample %s ago, libvirt %s" % (
+            len(sample.domains), age, "connected" if self.hypervisor.up else "unreachable")
+
     def health(self):
         sample = self.sampler.latest
         age = time.time() - sample.time if sample.time else None
@@ -1890,6 +1915,55 @@ def make_server(listen, port, handler):
 
 
 # =============================================================================
+# systemd notify
+# =============================================================================
+
+class SystemdNotifier(object):
+    """sd_notify(3) for Type=notify: one datagram per message to $NOTIFY_SOCKET.
+
+    Silent when systemd did not start us.  WATCHDOG=1 goes out at half of
+    $WATCHDOG_USEC from the sampling loop, so a hung libvirt trips it.
+    """
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):     # the abstract namespace
+            address = "\0" + address[1:]
+        self.address = address or None
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        self.every = 10.0               # STATUS only, without a watchdog
+        self.watchdog = usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid()))
+        if self.watchdog:
+            self.every = int(usec) / 2e6
+        self.last = 0.0
+        self.sock = None
+
+    def send(self, *messages):
+        if self.address is None:
+            return
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.sendto("\n".join(messages).encode("utf-8"), self.address)
+        except OSError as exc:
+            log.debug("systemd notify to %r failed: %s", self.address, exc)
+
+    def ready(self, status):
+        self.send("READY=1", "STATUS=" + status)
+
+    def beat(self, status):
+        """WATCHDOG=1 (when asked for) and STATUS, at most every half watchdog period."""
+        now = time.monotonic()
+        if self.address is not None and now - self.last >= self.every:
+            self.last = now
+            self.send(*(["WATCHDOG=1"] if self.watchdog else []) + ["STATUS=" + status()])
+
+    def stopping(self):
+        self.send("STOPPING=1", "STATUS=stopping")
+
+
+# =============================================================================
 # CLI and main()
 # =============================================================================
 
@@ -2056,23 +2130,27 @@ def main(argv=None):
         sys.stderr.write("vadvisor: cannot listen on %s:%d: %s\n"
                          % (args.listen or "*", args.port, exc.strerror or exc))
         return 1
+    notifier = SystemdNotifier()
+    sampler.heartbeat = lambda: notifier.beat(agent.status)
     sampler.start()
     if statsd is not None:
         statsd.start()
-    stop = threading.Event()
 
     def shutdown(signum, _frame):
         log.info("signal %d: shutting down", signum)
-        stop.set()
-        hub.close()
+        notifier.stopping()
+        hub.close()     # ends every event stream
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     log.info("vadvisor %s listening on port %d, libvirt %s",
              VERSION, server.server_address[1], args.connect)
-    server.serve_forever(poll_interval=0.5)
+    notifier.ready(agent.status())
+    server.serve_forever(poll_interval=0.2)
     sampler.stop()
+    if statsd is not None:
+        statsd.stop()
     server.server_close()
     return 0
 
