@@ -1793,6 +1793,32 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("Traceback", out)
         self.assertNotIn("libvirt: ", out)     # libvirt's own stderr printing is silenced
 
+    def test_default_listen_serves_ipv4_and_ipv6(self):
+        needs_libvirt(self)
+        port = free_port()
+        proc = subprocess.Popen([PY, AGENT, "--connect", "test:///default", "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for host in ("127.0.0.1", "::1"):
+                def answers():
+                    try:
+                        conn = http.client.HTTPConnection(host, port, timeout=2)
+                        conn.request("GET", "/healthz")
+                        return conn.getresponse().status
+                    except OSError:
+                        return None
+                self.assertEqual(wait_for(answers, 10), 200, host)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    def test_sigint_exits_cleanly(self):
+        needs_libvirt(self)
+        agent = agent_on_test_driver()
+        agent.proc.send_signal(signal.SIGINT)
+        self.assertEqual(agent.proc.wait(5), 0)
+        self.assertNotIn("Traceback", agent.output())
+
     def test_sigterm_exits_cleanly(self):
         needs_libvirt(self)
         agent = Agent("--connect", "test:///default")

@@ -80,6 +80,7 @@ EVENT_TYPES = (
 EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
 
 NUMBER_TYPES = (int, float, bool)
+REST_FACTOR = 1             # rest at least this many times a sample's duration
 LIVE_GATHER_SECONDS = 0.01      # live requests this close together share one libvirt call
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                      r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
@@ -413,11 +414,11 @@ class Sampler(object):
     """The only thread that calls libvirt: one bulk stats call per sample.
 
     Pacing rule: a sample starts --interval after the previous one started,
-    but never sooner than three times the previous round's busy time (stats
-    call plus spec fetches) after it ended, so the agent keeps libvirtd busy
-    at most a quarter of the time.  A live request can end the wait early,
-    never the 3x rest.  While libvirt is unreachable it retries after 1, 2,
-    4 ... 30 seconds.
+    but never sooner than the previous round's busy time (stats call plus
+    spec fetches) after it ended, so the agent keeps libvirtd busy at most
+    half of the time, however slow libvirt gets.  A live request can end the
+    wait early, never that rest.  While libvirt is unreachable it retries
+    after 1, 2, 4 ... 30 seconds.
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
@@ -524,7 +525,7 @@ class Sampler(object):
             rest = self.round()
             ended = time.monotonic()
             if self.pause(max(self.interval - (ended - began), rest)):
-                # Woken by a live request: keep the 3x rest, and gather the
+                # Woken by a live request: keep the rest, and gather the
                 # burst it may belong to so that the burst shares one call.
                 remaining = rest - (time.monotonic() - ended)
                 self.stopping.wait(max(remaining, LIVE_GATHER_SECONDS))
@@ -555,7 +556,7 @@ class Sampler(object):
         try:
             self.sample()
             self.backoff = 0
-            return 3 * (time.monotonic() - began)
+            return REST_FACTOR * (time.monotonic() - began)
         except libvirt.libvirtError as exc:
             if self.hypervisor.up is not False:
                 self.hypervisor.drop(str(exc))
