@@ -16,8 +16,12 @@ read-only: the agent never changes a domain.
 
 import argparse
 import array
+import base64
 import collections
 import datetime
+import getpass
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -26,6 +30,7 @@ import platform
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -81,7 +86,9 @@ EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
 
 NUMBER_TYPES = (int, float, bool)
 REST_FACTOR = 1             # rest at least this many times a sample's duration
-LIVE_GATHER_SECONDS = 0.01      # live requests this close together share one libvirt call
+LIVE_GATHER_SECONDS = 0.01
+STREAM_SEND_BUFFER = 65536      # bytes of kernel buffer per event stream
+MAX_STUCK = 2                   # abandoned libvirt calls before no new one is started      # live requests this close together share one libvirt call
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                      r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -224,6 +231,14 @@ class Hypervisor(object):
         except Exception as exc:
             log.warning("lifecycle event dropped: %s", exc)
 
+    def answered(self):
+        """A call succeeded: the connection is up, whatever it was before."""
+        if self.up is not True and self.conn is not None:
+            self._set_state(True, None)
+
+    def not_answering(self, reason):
+        self._set_state(False, "libvirt does not answer: " + reason)
+
     def drop(self, reason):
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -257,6 +272,24 @@ def stats_groups(collect):
             log.warning("stat group %r is not supported by this libvirt binding; skipped", group)
         mask |= value
     return mask
+
+
+class Stuck(Exception):
+    """A libvirt call outlived --libvirt-timeout."""
+
+
+def is_partial(last, stats):
+    """True when stats lacks values the last complete record of the guest had,
+    although the guest kept its state and its devices."""
+    if stats.get("state.state") != last.get("state.state"):
+        return False
+    for key in ("vcpu.current", "net.count", "block.count"):
+        if stats.get(key) != last.get(key):
+            return False
+    for key, value in last.items():
+        if key.endswith(".name") and stats.get(key) != value:
+            return False
+    return True
 
 
 class Sample(object):
@@ -354,11 +387,12 @@ class History(object):
 
 
 class SpecCache(object):
-    """Domain specifications (XML as JSON), fetched by the sampler thread.
+    """Domain specifications (XML as JSON), fetched by one spec thread.
 
     A domain's spec is fetched when it first appears in a sample and again
     after any lifecycle event for it (a start changes the live XML, a define
-    replaces it); requests never fetch XML themselves.
+    replaces it); requests never fetch XML themselves.  Reading XML needs no
+    guest, so a hung guest does not hold it up.
     """
 
     def __init__(self):
@@ -367,6 +401,29 @@ class SpecCache(object):
         self.lock = threading.Lock()
         self.seq = 0            # the sample the specs were last refreshed for
         self.updated = threading.Condition(self.lock)
+        self.pending = None     # (domains, seq) for the worker
+        self.working = False
+
+    def request(self, domains, seq):
+        """Refresh for a new sample in the spec thread; never more than one at a time."""
+        with self.lock:
+            self.pending = (domains, seq)
+            if self.working:
+                return
+            self.working = True
+        threading.Thread(target=self._work, name="specs", daemon=True).start()
+
+    def _work(self):
+        while True:
+            with self.lock:
+                job, self.pending = self.pending, None
+                if job is None:
+                    self.working = False
+                    return
+            try:
+                self.refresh(*job)
+            except Exception as exc:  # keep specs flowing whatever one round met
+                log.warning("spec refresh failed: %s", exc)
 
     def mark(self, uuid):
         with self.lock:
@@ -422,8 +479,14 @@ class Sampler(object):
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
-                 down_seconds=600, listeners=()):
+                 down_seconds=600, listeners=(), timeout=5.0):
         self.hypervisor = hypervisor
+        self.timeout = timeout              # --libvirt-timeout
+        self.stuck = 0                      # abandoned libvirt calls still running
+        self.timeouts_total = 0
+        self.last_answer = time.monotonic() # when a libvirt call last returned
+        self.call_lock = threading.Lock()
+        self.complete = {}                  # uuid -> (last complete stats, when, key count)
         self.table = table
         self.groups = groups
         self.flags = libvirt_constant("VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT")
@@ -447,26 +510,101 @@ class Sampler(object):
 
     # -- one sample --------------------------------------------------------
     def sample(self):
-        """Take one sample and refresh specs; returns the sample or raises libvirtError."""
-        conn = self.hypervisor.connection()
+        """Take one sample; returns it, or raises libvirtError or Stuck."""
+        conn = self.bounded(self.hypervisor.connection)
         started = time.time()
         clock = time.monotonic()
-        self.calls_total += 1
         try:
-            records = conn.getAllDomainStats(self.groups, self.flags)
+            records = self.stats_call(conn)
         except libvirt.libvirtError as exc:
             self.errors_total += 1
             if not self._alive(conn):
                 self.hypervisor.drop(str(exc))
             raise
         duration = time.monotonic() - clock
+        self.hypervisor.answered()
         domains = [(dom.UUIDString(), dom.name(), stats) for dom, stats in records]
+        domains = [(uuid, name, self.fill_in(uuid, stats, started))
+                   for uuid, name, stats in domains]
         sample = Sample(self.latest.seq + 1, started, duration, domains,
                         self._track_gone(domains, started))
         self.publish(sample)
-        self.specs.refresh(dict((uuid, dom) for (dom, _), (uuid, _, _) in zip(records, domains)),
+        self.specs.request(dict((uuid, dom) for (dom, _), (uuid, _, _) in zip(records, domains)),
                            sample.seq)
         return sample
+
+    def stats_call(self, conn):
+        """getAllDomainStats, tried again at once when it outlives --libvirt-timeout.
+
+        A call stuck on a hung guest holds that guest's job; the second call's
+        NOWAIT flag makes libvirt skip that guest and answer for the others.
+        """
+        for attempt in (1, 2):
+            self.calls_total += 1
+            try:
+                return self.bounded(conn.getAllDomainStats, self.groups, self.flags)
+            except Stuck:
+                if attempt == 2:
+                    raise
+
+    def bounded(self, call, *args):
+        """A libvirt call in a worker thread, waited for at most --libvirt-timeout.
+
+        A call that takes longer is left to finish on its own (libvirt calls
+        cannot be cancelled) and counted; with MAX_STUCK of them still running
+        no new call is started, so stuck calls never pile up.
+        """
+        if self.stuck >= MAX_STUCK:
+            raise Stuck("%d libvirt calls have not returned" % self.stuck)
+        box = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                box["result"] = call(*args)
+            except BaseException as exc:
+                box["error"] = exc
+            with self.call_lock:
+                self.last_answer = time.monotonic()
+                if box.get("abandoned"):
+                    self.stuck -= 1
+                done.set()
+        threading.Thread(target=work, name="libvirt-call", daemon=True).start()
+        if not done.wait(self.timeout):
+            with self.call_lock:
+                if not done.is_set():
+                    box["abandoned"] = True
+                    self.stuck += 1
+                    self.timeouts_total += 1
+                    raise Stuck("a libvirt call took longer than %g s" % self.timeout)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def responsive(self):
+        """False while libvirt answers nothing at all (for the watchdog)."""
+        return self.stuck == 0 or time.monotonic() - self.last_answer < 2 * self.timeout
+
+    def fill_in(self, uuid, stats, now):
+        """A guest's stats, with what libvirt could not read now carried over.
+
+        NOWAIT answers for a guest whose job is held (a hung guest, a long
+        job) with its state, CPU time and device names but no counters.  Such
+        a record has the same state and devices as the last complete one but
+        fewer keys; its missing values are carried over and the record is
+        marked stale, so the guest's disks do not vanish from graphs.
+        """
+        last = self.complete.get(uuid)     # (stats, when, how many keys libvirt gave)
+        if last is not None and len(stats) < last[2] and is_partial(last[0], stats):
+            merged = dict(last[0])
+            merged.update(stats)
+            merged["vadvisor.stale"] = 1
+            merged["vadvisor.stats_age"] = now - last[1]
+            return merged
+        self.complete[uuid] = (stats, now, len(stats))
+        stats["vadvisor.stale"] = 0
+        stats["vadvisor.stats_age"] = 0
+        return stats
 
     @staticmethod
     def _alive(conn):
@@ -478,6 +616,8 @@ class Sampler(object):
     def _track_gone(self, domains, now):
         """Remember vanished domains for --down-minutes (vm_up stays 0)."""
         present = set(uuid for uuid, _, _ in domains)
+        for uuid in [u for u in self.complete if u not in present]:
+            del self.complete[uuid]
         for uuid, name, _ in self.latest.domains:
             if uuid not in present:
                 self.gone[uuid] = (name, now)
@@ -540,7 +680,7 @@ class Sampler(object):
         """
         deadline = time.monotonic() + seconds
         while True:
-            if self.heartbeat is not None:
+            if self.heartbeat is not None and self.responsive():
                 self.heartbeat()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -562,6 +702,13 @@ class Sampler(object):
                 self.hypervisor.drop(str(exc))
             else:
                 self.hypervisor.error = str(exc)
+            self.backoff = min(30, max(1, self.backoff * 2))
+            return self.backoff
+        except Stuck as exc:
+            # libvirt does not answer: keep the connection (closing it would
+            # hang too) and let keep-alive or a late answer settle it.
+            self.errors_total += 1
+            self.hypervisor.not_answering(str(exc))
             self.backoff = min(30, max(1, self.backoff * 2))
             return self.backoff
         except Exception as exc:  # never let the sampler thread die
@@ -632,6 +779,11 @@ METRICS = (
       DOMAIN_STATES),
     R("state.reason", "vm_state_reason", GAUGE, 1, (), "state_reason",
       "libvirt's reason code for the current domain state."),
+    # Set by the sampler, not libvirt: see Sampler.fill_in.
+    R("vadvisor.stale", "vm_stats_stale", GAUGE, 1, (), "stale",
+      "1 while libvirt cannot read the domain's statistics (a hung guest) and the last ones are shown."),
+    R("vadvisor.stats_age", "vm_stats_age_seconds", GAUGE, 1, (), "stats_age",
+      "Age of the domain's newest complete statistics when the sample was taken (0: read now)."),
     # -- CPU -----------------------------------------------------------------
     R("cpu.time", "vm_cpu_seconds_total", COUNTER, NS, (), "cpu.usage.cpu_time",
       "CPU time used by the domain (guest and emulator), in seconds.", MS),
@@ -1433,13 +1585,14 @@ class EventHub(object):
 class Agent(object):
     """Everything the HTTP handler needs, wired together by main()."""
 
-    def __init__(self, args, hypervisor, sampler, formatter, hub, statsd=None):
+    def __init__(self, args, hypervisor, sampler, formatter, hub, statsd=None, users=None):
         self.args = args
         self.hypervisor = hypervisor
         self.sampler = sampler
         self.formatter = formatter
         self.hub = hub
         self.statsd = statsd
+        self.users = users
         self.started = time.time()
         self.render_lock = threading.Lock()
 
@@ -1492,8 +1645,13 @@ class Agent(object):
             ("vadvisor_samples_total", COUNTER, "Samples taken.", [((), s.samples_total)]),
             ("vadvisor_libvirt_calls_total", COUNTER, "getAllDomainStats calls made.",
              [((), s.calls_total)]),
-            ("vadvisor_sample_errors_total", COUNTER, "Samples that failed with a libvirt error.",
-             [((), s.errors_total)]),
+            ("vadvisor_sample_errors_total", COUNTER,
+             "Samples that failed: a libvirt error or no answer.", [((), s.errors_total)]),
+            ("vadvisor_libvirt_timeouts_total", COUNTER,
+             "libvirt calls that outlived --libvirt-timeout.", [((), s.timeouts_total)]),
+            ("vadvisor_libvirt_stuck_calls", GAUGE,
+             "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
+             [((), s.stuck)]),
             ("vadvisor_events_total", COUNTER, "Lifecycle events received, by type.",
              [((("event_type", t),), n) for t, n in sorted(self.hub.counts.items())]),
             ("vadvisor_event_streams", GAUGE, "Open event streams.", [((), self.hub.streams())]),
@@ -1699,19 +1857,60 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(status, "application/json", body, headers)
 
     # -- methods -----------------------------------------------------------------
+    def setup(self):
+        BaseHTTPRequestHandler.setup(self)
+        self.answered = False
+        if hasattr(self.connection, "do_handshake"):
+            self.connection.do_handshake()  # TLS, here under this connection's timeout
+
+    def send_response(self, code, message=None):
+        self.answered = True
+        BaseHTTPRequestHandler.send_response(self, code, message)
+
     def do_GET(self):
         try:
+            self.refuse_body()
+            self.check_auth()
             self.route()
         except HTTPError as err:
             self.send_json(err.status, {"error": err.message}, err.headers)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
+        except Exception as exc:    # a bug: say so, keep the worker
+            log.warning("%s %s failed: %r", self.command, escape_controls(self.path), exc)
+            log.debug("details", exc_info=True)
+            self.close_connection = True
+            if not self.answered:
+                self.send_json(500, {"error": "internal error; see the agent's log"})
 
     do_HEAD = do_GET
 
     def refuse_method(self):
+        self.close_connection = True    # its body, if any, is not read
         self.send_json(405, {"error": "method %s not allowed" % self.command},
                        [("Allow", "GET, HEAD")])
+
+    def refuse_body(self):
+        """A body on GET would be read as the next request: refuse it and close.
+
+        Also refuses a header block the parser could only half read (a line
+        without a colon ends it early, silently dropping what follows)."""
+        if getattr(self.headers, "defects", None):
+            self.close_connection = True
+            raise HTTPError(400, "malformed header line")
+        length = self.headers.get("Content-Length", "0").strip()
+        if length not in ("", "0") or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise HTTPError(400, "%s takes no request body" % self.command)
+
+    def check_auth(self):
+        users = self.agent.users
+        if users is None or (self.agent.args.open_healthz and
+                             split_target(self.path)[0] == "/healthz"):
+            return
+        if not users.check(self.headers.get("Authorization", "")):
+            raise HTTPError(401, "authentication required",
+                            [("WWW-Authenticate", 'Basic realm="vadvisor", charset="UTF-8"')])
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
 
@@ -1803,6 +2002,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(503, "too many event streams (--max-streams %d)" % hub.max_streams)
         subscription, backlog = found
         self.close_connection = True
+        # A small kernel buffer, so that a slow client backs up into its
+        # bounded queue (and gets the gap marker) instead of into megabytes
+        # of socket memory.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
         try:
             chunked = self.request_version == "HTTP/1.1"
             self.send_response(200)
@@ -1878,9 +2081,60 @@ def gap_marker(last_id, sse):
 
 
 class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer plus dual-stack binding, TLS and a connection cap."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    tls = None                  # an ssl.SSLContext for HTTPS
+    max_connections = 400
+
+    def __init__(self, address, handler):
+        self.active = 0
+        self.active_lock = threading.Lock()
+        ThreadingHTTPServer.__init__(self, address, handler)
+
+    def get_request(self):
+        sock, address = self.socket.accept()
+        if self.tls is not None:    # the handshake happens in the connection's thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request(self, request, client_address):
+        with self.active_lock:
+            full = self.active >= self.max_connections
+            if not full:
+                self.active += 1
+        if full:
+            return self.refuse(request)
+        try:
+            ThreadingHTTPServer.process_request(self, request, client_address)
+        except Exception:
+            self.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            self.release()
+
+    def release(self):
+        with self.active_lock:
+            self.active -= 1
+
+    def refuse(self, request):
+        """Past --max-connections: a 503 from the accept loop, no thread spent."""
+        if self.tls is None:
+            body = b'{"error":"too many connections (--max-connections %d)"}\n' % self.max_connections
+            try:
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                                b"\r\nContent-Length: %d\r\nRetry-After: 1\r\nConnection: close"
+                                b"\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+        self.shutdown_request(request)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -1895,24 +2149,118 @@ class Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, socket.timeout)):
+        if isinstance(exc, (ConnectionError, socket.timeout, ssl.SSLError)):
             log.debug("client %s went away: %s", client_address[0], exc)
         else:
             log.warning("request from %s failed: %r", client_address[0], exc)
 
 
-def make_server(listen, port, handler):
+def make_server(listen, port, handler, tls=None, max_connections=400):
     """A server on ADDR:PORT; the default '' means every IPv4 and IPv6 address."""
+    def server(family, host):
+        settings = {"address_family": family, "tls": tls, "max_connections": max_connections}
+        return type("AgentServer", (Server,), settings)((host, port), handler)
     if listen in ("", "::"):
         try:
-            Server.address_family = socket.AF_INET6
-            return Server(("::", port), handler)
+            return server(socket.AF_INET6, "::")
         except OSError:  # no IPv6 on this host
-            Server.address_family = socket.AF_INET
-            return Server(("0.0.0.0", port), handler)
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    server_class = type("BoundServer", (Server,), {"address_family": family})
-    return server_class((listen.strip("[]"), port), handler)
+            return server(socket.AF_INET, "0.0.0.0")
+    return server(socket.AF_INET6 if ":" in listen else socket.AF_INET, listen.strip("[]"))
+
+
+def tls_context(cert, key):
+    """HTTPS with TLS 1.2 or newer."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin: guarded; 3.6 below
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.load_cert_chain(cert, key)
+    return context
+
+
+# -- Basic auth ------------------------------------------------------------------
+
+HASH_SCHEME = "pbkdf2_sha256"
+HASH_ITERATIONS = 200000
+
+
+def hash_password(password, salt=None, iterations=HASH_ITERATIONS):
+    """'pbkdf2_sha256$<iterations>$<salt>$<digest>', salt and digest in base64."""
+    salt = os.urandom(16) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return "%s$%d$%s$%s" % (HASH_SCHEME, iterations, base64.b64encode(salt).decode(),
+                            base64.b64encode(digest).decode())
+
+
+def parse_hash(text):
+    scheme, iterations, salt, digest = text.split("$")
+    if scheme != HASH_SCHEME or not iterations.isdigit():
+        raise ValueError("not a %s hash" % HASH_SCHEME)
+    return int(iterations), base64.b64decode(salt, validate=True), \
+        base64.b64decode(digest, validate=True)
+
+
+class Users(object):
+    """--basic-auth-file: lines 'user:hash' made by --hash-password.
+
+    Every check costs one PBKDF2, known user or not, and compares in
+    constant time, so an answer never tells whether a user exists.  Headers
+    that passed are remembered (as SHA-256 digests) for a few minutes, so a
+    scraper does not pay PBKDF2 on every scrape.
+    """
+
+    REMEMBER_SECONDS = 300
+
+    def __init__(self, path):
+        self.users = {}
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                user, _, stored = line.partition(":")
+                try:
+                    self.users[user] = parse_hash(stored)
+                except (ValueError, TypeError):
+                    raise ValueError("%s line %d: expected user:%s$..., as --hash-password "
+                                     "writes it" % (path, number, HASH_SCHEME))
+        if not self.users:
+            raise ValueError("%s names no user" % path)
+        self.dummy = parse_hash(hash_password("", iterations=HASH_ITERATIONS))
+        self.passed = {}        # sha256(header) -> when it passed
+        self.lock = threading.Lock()
+
+    def check(self, header):
+        key = hashlib.sha256(header.encode("utf-8", "replace")).digest()
+        now = time.monotonic()
+        with self.lock:
+            if now - self.passed.get(key, -1e9) < self.REMEMBER_SECONDS:
+                return True
+        user, password = basic_credentials(header)
+        iterations, salt, digest = self.users.get(user, self.dummy)
+        computed = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8", "replace"), salt,
+                                       iterations)
+        ok = hmac.compare_digest(computed, digest) and user in self.users
+        if ok:
+            with self.lock:
+                if len(self.passed) > 10000:
+                    self.passed.clear()
+                self.passed[key] = now
+        return ok
+
+
+def basic_credentials(header):
+    """(user, password) from an Authorization header; ('', '') when there are none."""
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return "", ""
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode(
+            "utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return "", ""
+    return user, password
 
 
 # =============================================================================
@@ -1983,6 +2331,8 @@ def parse_args(argv=None):
                    help="how long the JSON API keeps samples (default: %(default)s)")
     p.add_argument("--down-minutes", type=non_negative_float, default=10.0, metavar="M",
                    help="how long a vanished domain keeps vm_up 0 (default: %(default)s)")
+    p.add_argument("--libvirt-timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                   help="give up waiting for a libvirt call after this long (default: %(default)s)")
     p.add_argument("--collect", type=collect_groups, default=(), metavar="GROUPS",
                    help="extra stat groups, comma-separated: %s, or all" % ",".join(OPTIONAL_GROUPS))
     p.add_argument("--event-history", type=positive_int, default=10000, metavar="N",
@@ -2005,6 +2355,16 @@ def parse_args(argv=None):
                    help="DogStatsD tags for uuid, name and device instead of key parts")
     p.add_argument("--statsd-max-packet", type=packet_size, default=1432, metavar="BYTES",
                    help="largest StatsD datagram payload (default: %(default)s)")
+    p.add_argument("--max-connections", type=positive_int, default=400, metavar="N",
+                   help="open HTTP connections; more get 503 (default: %(default)s)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--basic-auth-file", metavar="FILE",
+                   help="require HTTP Basic auth; lines user:hash made by --hash-password")
+    p.add_argument("--open-healthz", action="store_true",
+                   help="let /healthz answer without a password, for probes")
+    p.add_argument("--hash-password", metavar="USER",
+                   help="read a password (prompt or stdin), print a --basic-auth-file line, exit")
     p.add_argument("--client-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="drop an HTTP client that sends nothing for this long (default: %(default)s)")
     p.add_argument("--once", action="store_true",
@@ -2087,19 +2447,61 @@ def setup_logging(verbose):
 
 def run_once(args, table):
     hypervisor = Hypervisor(args.connect)
-    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval)
+    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
+                      timeout=args.libvirt_timeout)
     try:
         sample = sampler.sample()
-    except libvirt.libvirtError as exc:
+    except (libvirt.libvirtError, Stuck) as exc:
         sys.stderr.write("vadvisor: cannot read libvirt at %s: %s\n" % (args.connect, exc))
         return 1
     sys.stdout.write(PrometheusFormatter(table).render(sample))
     return 0
 
 
+def print_password_line(user):
+    """--hash-password: a --basic-auth-file line for USER."""
+    if ":" in user or not user.strip():
+        sys.stderr.write("vadvisor: a user name must be non-empty and without ':'\n")
+        return 2
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password for %s: " % user)
+        if getpass.getpass("Again: ") != password:
+            sys.stderr.write("vadvisor: the passwords differ\n")
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        sys.stderr.write("vadvisor: empty password\n")
+        return 1
+    sys.stdout.write("%s:%s\n" % (user, hash_password(password)))
+    return 0
+
+
+def load_security(args):
+    """(TLS context or None, Users or None); raises ValueError with a one-line reason."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = users = None
+    try:
+        if args.tls_cert:
+            tls = tls_context(args.tls_cert, args.tls_key)
+        if args.basic_auth_file:
+            users = Users(args.basic_auth_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(str(exc))
+    return tls, users
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if args.hash_password is not None:
+        return print_password_line(args.hash_password)
+    try:
+        tls, users = load_security(args)
+    except ValueError as exc:
+        sys.stderr.write("vadvisor: %s\n" % exc)
+        return 2
     if libvirt is None:
         sys.stderr.write("vadvisor: the libvirt Python binding is missing "
                          "(install python3-libvirt)\n")
@@ -2118,15 +2520,15 @@ def main(argv=None):
 
     hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
-                      args.history, args.down_minutes * 60)
+                      args.history, args.down_minutes * 60, timeout=args.libvirt_timeout)
     statsd = None
     if args.statsd_host:
         statsd = StatsdEmitter(sampler, args.statsd_host, args.statsd_port, args.statsd_interval,
                                args.statsd_prefix, args.statsd_tags, args.statsd_max_packet)
-    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub, statsd)
+    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub, statsd, users)
     handler = type("AgentHandler", (Handler,), {"agent": agent, "timeout": args.client_timeout})
     try:
-        server = make_server(args.listen, args.port, handler)
+        server = make_server(args.listen, args.port, handler, tls, args.max_connections)
     except OSError as exc:
         sys.stderr.write("vadvisor: cannot listen on %s:%d: %s\n"
                          % (args.listen or "*", args.port, exc.strerror or exc))
