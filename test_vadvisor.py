@@ -1022,9 +1022,7 @@ class StatsdReferenceServerTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        Bench.require()
-        Bench.clean()
-        cls.guest = Bench.guest("sd", vcpus=2)
+        cls.guest, = Bench.fresh(("sd", 2))
 
     @classmethod
     def tearDownClass(cls):
@@ -1447,10 +1445,7 @@ class LibvirtFaultTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        Bench.require()
-        Bench.clean()
-        cls.a = Bench.guest("fa", vcpus=1)
-        cls.b = Bench.guest("fb", vcpus=1)
+        cls.a, cls.b = Bench.fresh(("fa", 1), ("fb", 1))
 
     @classmethod
     def tearDownClass(cls):
@@ -1894,9 +1889,7 @@ class LoadTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        Bench.require()
-        Bench.clean()
-        cls.guests = [Bench.guest("l%d" % i, vcpus=1) for i in range(8)]
+        cls.guests = Bench.fresh(*[("l%d" % i, 1) for i in range(8)])
 
     @classmethod
     def tearDownClass(cls):
@@ -2827,6 +2820,13 @@ class Bench(object):
                 os.unlink(os.path.join(IMAGES, name))
 
     @classmethod
+    def fresh(cls, *guests):
+        """A clean bench with these running guests: (suffix, vcpus) each."""
+        cls.require()
+        cls.clean()
+        return [cls.guest(suffix, vcpus) for suffix, vcpus in guests]
+
+    @classmethod
     def guest(cls, suffix, vcpus=2, start=True):
         name = PREFIX + suffix
         image = os.path.join(IMAGES, name + ".qcow2")
@@ -2855,10 +2855,7 @@ class RealLibvirtTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        Bench.require()
-        Bench.clean()
-        cls.a = Bench.guest("a", vcpus=2)
-        cls.b = Bench.guest("b", vcpus=1)
+        cls.a, cls.b = Bench.fresh(("a", 2), ("b", 1))
         cls.agent = Agent("--interval", "0.5", "--down-minutes", "0.05")
         wait_for(lambda: b'name="vadt-b"' in cls.agent.get("/metrics")[2], 15)
 
