@@ -3,6 +3,7 @@
 #   make demo      run the agent on port 8181 against libvirt's test:///default
 #   make test      set up the test bench (root) and run the whole test suite
 #   make testbed   install and start libvirtd with QEMU/KVM (root, idempotent)
+#   make bench     speed and memory, as ratios against baselines measured in the same run
 #   make hostb / make hostb-stop   a second libvirt host on this machine, for migrations
 #   make demo-migration            the live-migration walkthrough, guided
 
@@ -16,7 +17,7 @@ BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qem
 	$(if $(shell command -v npm),,nodejs npm) \
 	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
 
-.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration
+.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench
 
 demo: deps-demo
 	@echo "vadvisor demo on http://localhost:$(PORT)/ (libvirt test:///default); Ctrl-C stops it"
@@ -40,6 +41,11 @@ testbed: deps-bench
 	  for i in $$(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done; \
 	fi
 	@virsh -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running hypervisor: /testbed: /p'
+
+# Speed and memory against baselines measured in the same run (BENCH_GUESTS=40 real guests).
+bench: testbed
+	@$(call apt_install,prometheus-libvirt-exporter)
+	$(PY) test_vadvisor.py --bench
 
 hostb: testbed
 	$(PY) test_vadvisor.py --hostb start
