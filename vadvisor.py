@@ -1003,7 +1003,7 @@ class Target(object):
     def __init__(self, row, family, devices, scale):
         self.row, self.family, self.devices = row, family, devices
         self.mul, self.div = split_scale(scale)
-        self.summary = (family, self.mul, self.div, family.name == "vm_up")
+        self.summary = (family, family.name + "{", self.mul, self.div, family.name == "vm_up")
         self.json = parse_json_place(row.json)
         self.json_enum = row.json_scale if isinstance(row.json_scale, tuple) else None
         self.json_mul, self.json_div = split_scale(1 if self.json_enum else row.json_scale)
@@ -1186,7 +1186,8 @@ class PrometheusFormatter(object):
         buckets = collections.defaultdict(list)
         for uuid, name, stats in sample.domains:
             plan = self.plan(uuid, name, stats)
-            for head, key, (family, mul, div, up) in zip(plan.heads, plan.keys, plan.targets):
+            for labels, key, (family, opening, mul, div, up) in zip(plan.labels, plan.keys,
+                                                                     plan.targets):
                 value = stats[key]
                 kind = type(value)
                 if up:
@@ -1197,7 +1198,7 @@ class PrometheusFormatter(object):
                     text = format_number(scaled(value, mul, div))
                 else:
                     continue    # a value that is not a number this time
-                buckets[family].append(head + text + "\n")
+                buckets[family].append(opening + labels + text + "\n")
         vm_up = self.table.families["vm_up"]
         for uuid, name in sample.gone:
             buckets[vm_up].append('vm_up{uuid="%s",name="%s"} 0\n'
@@ -1498,15 +1499,20 @@ class StatsdEmitter(object):
 
 
 class DomainPlan(object):
-    """One domain's series heads, valid while its keys and device names stay."""
+    """One domain's series labels, valid while its keys and device names stay.
 
-    __slots__ = ("name", "shape", "name_keys", "names", "heads", "keys", "targets")
+    A domain has a handful of label sets (itself, each vCPU, disk and NIC);
+    each is one string, '{uuid="..",name="..",device=".."} ' less the brace,
+    shared by every family that uses it."""
+
+    __slots__ = ("name", "shape", "name_keys", "names", "labels", "keys", "targets")
 
     def __init__(self, table, uuid, name, stats):
         self.name, self.shape = name, tuple(stats)
         prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
         vm_up = table.families["vm_up"]
-        name_keys, self.heads, self.keys, self.targets = set(), [], [], []
+        name_keys, self.labels, self.keys, self.targets = set(), [], [], []
+        shared = {}
         for key, value in stats.items():
             if type(value) not in NUMBER_TYPES:
                 continue
@@ -1517,7 +1523,8 @@ class DomainPlan(object):
                         name_keys.add(name_key)
                     device = str(stats.get(name_key, index)) if name_key else index
                     labels += ',%s="%s"' % (label, escape_label(device))
-                self.heads.append("%s{%s} " % (t.family.name, labels))
+                labels += "} "
+                self.labels.append(shared.setdefault(labels, labels))
                 self.keys.append(key)
                 self.targets.append(t.summary)      # shared by every domain
         self.name_keys = tuple(sorted(name_keys))
