@@ -1984,7 +1984,6 @@ class LoadTests(unittest.TestCase):
             slow = StreamReader(agent.port, rcvbuf=4096, pause=0.05, chunk=512)
             time.sleep(0.5)
             rss_before = agent_rss(agent)
-            first = [None]
 
             def churn(dom, cycles):
                 conn = libvirt.open(SYSTEM_URI)

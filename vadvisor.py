@@ -1510,7 +1510,6 @@ class DomainPlan(object):
     def __init__(self, table, uuid, name, stats):
         self.name, self.shape = name, tuple(stats)
         prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
-        vm_up = table.families["vm_up"]
         name_keys, self.labels, self.keys, self.targets = set(), [], [], []
         shared = {}
         for key, value in stats.items():
