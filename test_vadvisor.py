@@ -567,6 +567,15 @@ class FormatterTests(unittest.TestCase):
         stats["block.0.rd.bytes"] = 3
         self.assertIn('device="0"} 3', fmt.render(real_sample((REAL_UUID, "g2", dict(stats)))))
 
+    def test_cached_labels_of_departed_domains_are_forgotten(self):
+        fmt = vadvisor.PrometheusFormatter(vadvisor.MetricTable(collect=()))
+        many = [("%08d-0000-0000-0000-000000000000" % i, "d%d" % i, {"state.state": 1})
+                for i in range(300)]
+        fmt.render(real_sample(*many))
+        self.assertEqual(len(fmt.plans), 300)
+        fmt.render(real_sample(many[0]))
+        self.assertEqual(list(fmt.plans), [many[0][0]])
+
     def test_families_stay_contiguous_across_domains(self):
         records = [("%08d-0000-0000-0000-000000000000" % i, "d%d" % i, REAL_RECORD)
                    for i in range(5)]

@@ -93,6 +93,18 @@ UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+def cached(cache, key, make, limit=20000):
+    """cache[key], made by make() on a miss.  The caches are keyed by what
+    libvirt reports (keys, domains), which is bounded in practice; a cache
+    past limit is emptied so that it stays bounded whatever happens."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= limit:
+            cache.clear()
+        found = cache[key] = make()
+    return found
+
+
 def enum_name(names, code):
     """The name for a libvirt enum code; 'Unknown' for codes we do not know."""
     if isinstance(code, int) and 0 <= code < len(names):
@@ -177,9 +189,9 @@ def quietly(call, *args):
 class Hypervisor(object):
     """The agent's one read-only libvirt connection.
 
-    Only the sampler thread opens, uses and drops it, so no lock is needed
-    around libvirt calls.  The close callback (event-loop thread) only marks
-    the connection broken; the sampler reopens it.
+    The sampler opens, uses and drops it (each call in a bounded worker, see
+    Sampler.bounded); the spec thread reads domain XML over it.  The close
+    callback (event-loop thread) only marks it broken; the sampler reopens it.
     """
 
     def __init__(self, uri, on_lifecycle=None, events=False):
@@ -393,10 +405,7 @@ class History(object):
     def compact(self, stats):
         """(layout, values) for a stats dict: what a history record holds."""
         shape = tuple(stats)    # libvirt gives a domain the same keys each time
-        plan = self.plans.get(shape)
-        if plan is None:
-            plan = self.plans[shape] = self._plan(stats)
-        keys, name_keys = plan
+        keys, name_keys = cached(self.plans, shape, lambda: self._plan(stats))
         try:
             packed = array.array("d", [stats[k] for k in keys])
         except (TypeError, OverflowError):  # a value stopped being a number: plan afresh
@@ -407,9 +416,8 @@ class History(object):
         return layout, packed
 
     def _plan(self, stats):
-        for cache in (self.plans, self.layouts, self.templates):
-            if len(cache) > 20000:  # bounded however domains come and go
-                cache.clear()
+        if len(self.layouts) > 20000:   # bounded however domains come and go
+            self.layouts.clear()
         shown = self.table.json_key
         keys = tuple(k for k, v in stats.items() if type(v) in NUMBER_TYPES and shown(k))
         names = tuple(k for k, v in stats.items() if type(v) is str and k.endswith(".name"))
@@ -417,9 +425,7 @@ class History(object):
 
     def render(self, when, layout, values):
         """A record as the JSON text of one sample."""
-        template = self.templates.get(layout)
-        if template is None:
-            template = self.templates[layout] = JsonTemplate(self.table, layout)
+        template = cached(self.templates, layout, lambda: JsonTemplate(self.table, layout))
         return template.render(when, values)
 
     def get(self, uuid=None):
@@ -513,18 +519,18 @@ class SpecCache(object):
 
 
 class Sampler(object):
-    """The only thread that calls libvirt: one bulk stats call per sample.
+    """Takes the samples: one bulk stats call per sample, nothing else per sample.
 
     Pacing rule: a sample starts --interval after the previous one started,
-    but never sooner than the previous round's busy time (stats call plus
-    spec fetches) after it ended, so the agent keeps libvirtd busy at most
-    half of the time, however slow libvirt gets.  A live request can end the
+    but never sooner than the previous sample's duration after it ended, so
+    the agent keeps libvirtd busy at most half of the time, however slow
+    libvirt gets.  A live request can end the
     wait early, never that rest.  While libvirt is unreachable it retries
     after 1, 2, 4 ... 30 seconds.
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
-                 down_seconds=600, listeners=(), timeout=5.0):
+                 down_seconds=600, timeout=5.0):
         self.hypervisor = hypervisor
         self.timeout = timeout              # --libvirt-timeout
         self.stuck = 0                      # abandoned libvirt calls still running
@@ -540,7 +546,6 @@ class Sampler(object):
         self.down_seconds = down_seconds
         self.history = History(table, history_seconds, interval)
         self.specs = SpecCache()
-        self.listeners = list(listeners)    # called with each new sample
         self.latest = Sample(0, 0.0, 0.0, [])
         self.gone = {}                      # uuid -> (name, vanished at)
         self.samples_total = 0
@@ -561,24 +566,19 @@ class Sampler(object):
         conn = self.bounded(self.hypervisor.connection)
         started = time.time()
         clock = time.monotonic()
-        try:
-            records = self.stats_call(conn)
-        except libvirt.libvirtError as exc:
-            self.errors_total += 1
-            if not self._alive(conn):
-                self.hypervisor.drop(str(exc))
-            raise
+        records = self.stats_call(conn)
         duration = time.monotonic() - clock
         self.busy_seconds += duration
         self.hypervisor.answered()
-        domains = [(dom.UUIDString(), dom.name(), self.kept(stats)) for dom, stats in records]
-        domains = [(uuid, name, self.fill_in(uuid, stats, started))
-                   for uuid, name, stats in domains]
+        domains, handles = [], {}
+        for dom, stats in records:
+            uuid = dom.UUIDString()     # local: no call to libvirtd
+            handles[uuid] = dom
+            domains.append((uuid, dom.name(), self.fill_in(uuid, self.kept(stats), started)))
         sample = Sample(self.latest.seq + 1, started, duration, domains,
                         self._track_gone(domains, started))
         self.publish(sample)
-        self.specs.request(dict((uuid, dom) for (dom, _), (uuid, _, _) in zip(records, domains)),
-                           sample.seq)
+        self.specs.request(handles, sample.seq)
         return sample
 
     def stats_call(self, conn):
@@ -637,14 +637,9 @@ class Sampler(object):
         """The stats the agent uses: keys the metric table maps, device names and
         counts.  The vcpu group alone brings some 37 KVM statistics per vCPU
         that only --collect vm exports; not keeping them halves a sample."""
-        shape = tuple(stats)
-        keep = self.keep_plans.get(shape)
-        if keep is None:
-            if len(self.keep_plans) > 20000:
-                self.keep_plans.clear()
-            targets = self.table.targets
-            keep = self.keep_plans[shape] = tuple(
-                k for k in stats if targets(k) or k.endswith((".name", ".count")))
+        targets = self.table.targets
+        keep = cached(self.keep_plans, tuple(stats), lambda: tuple(
+            k for k in stats if targets(k) or k.endswith((".name", ".count"))))
         return dict((k, stats[k]) for k in keep)
 
     def fill_in(self, uuid, stats, now):
@@ -668,15 +663,10 @@ class Sampler(object):
         stats["vadvisor.stats_age"] = 0
         return stats
 
-    @staticmethod
-    def _alive(conn):
-        try:
-            return conn.isAlive() == 1
-        except libvirt.libvirtError:
-            return False
-
     def _track_gone(self, domains, now):
-        """Remember vanished domains for --down-minutes (vm_up stays 0)."""
+        """Remember vanished domains for --down-minutes (vm_up stays 0).
+
+        Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
         for uuid in [u for u in self.complete if u not in present]:
             del self.complete[uuid]
@@ -694,8 +684,6 @@ class Sampler(object):
             self.latest = sample
             self.samples_total += 1
             self.new_sample.notify_all()
-        for listener in self.listeners:
-            listener(sample)
 
     def fresh_sample(self, timeout, started_after=False):
         """A sample that completes after this call: concurrent callers share one.
@@ -761,18 +749,14 @@ class Sampler(object):
             self.sample()
             self.backoff = 0
             return REST_FACTOR * (time.monotonic() - began)
-        except libvirt.libvirtError as exc:
-            if self.hypervisor.up is not False:
-                self.hypervisor.drop(str(exc))
-            else:
-                self.hypervisor.error = str(exc)
-            self.backoff = min(30, max(1, self.backoff * 2))
-            return self.backoff
-        except Stuck as exc:
-            # libvirt does not answer: keep the connection (closing it would
-            # hang too) and let keep-alive or a late answer settle it.
+        except (libvirt.libvirtError, Stuck) as exc:
             self.errors_total += 1
-            self.hypervisor.not_answering(str(exc))
+            if isinstance(exc, Stuck):
+                # libvirt does not answer: keep the connection (closing it would
+                # hang too) and let keep-alive or a late answer settle it.
+                self.hypervisor.not_answering(str(exc))
+            else:
+                self.hypervisor.drop(str(exc))      # reopened on the next try
             self.backoff = min(30, max(1, self.backoff * 2))
             return self.backoff
         except Exception as exc:  # never let the sampler thread die
@@ -1056,12 +1040,7 @@ class MetricTable(object):
 
     def targets(self, key):
         """The tuple of Targets for a libvirt key (empty for keys not exported)."""
-        found = self.cache.get(key)
-        if found is None:
-            if len(self.cache) > 200000:  # keys are bounded by devices; be safe anyway
-                self.cache.clear()
-            found = self.cache[key] = tuple(self._resolve(key))
-        return found
+        return cached(self.cache, key, lambda: tuple(self._resolve(key)), 200000)
 
     def _resolve(self, key):
         for row in self.rows:
@@ -1118,13 +1097,15 @@ def sample_series(table, sample):
                     number = 1 if value == 1 else 0
                 else:
                     number = scaled(value, t.mul, t.div)
-                devices = ()
-                if t.devices:
-                    devices = tuple((label, str(stats.get(name_key, index)) if name_key else index)
-                                    for label, name_key, index in t.devices)
-                yield uuid, name, t.family, devices, number
+                yield uuid, name, t.family, device_labels(t, stats), number
     for uuid, name in sample.gone:
         yield uuid, name, vm_up, (), 0
+
+
+def device_labels(target, stats):
+    """((label, value), ...) of a target's devices: a name from stats, or the index."""
+    return tuple((label, str(stats.get(name_key, index)) if name_key else index)
+                 for label, name_key, index in target.devices)
 
 
 def escape_label(value):
@@ -1164,9 +1145,9 @@ def family_header(family, openmetrics):
 class PrometheusFormatter(object):
     """Renders a sample; families stay contiguous however domains interleave.
 
-    The text before each value, 'family{uuid="..",name="..",device=".."} ',
-    only changes when a domain's keys or device names do, so it is kept per
-    domain and a sample costs a lookup and a number per series.
+    A series' labels only change when a domain's keys or device names do, so
+    they are kept per domain (DomainPlan) and a sample costs a lookup and a
+    number per series.
     """
 
     def __init__(self, table):
@@ -1176,8 +1157,6 @@ class PrometheusFormatter(object):
     def plan(self, uuid, name, stats):
         plan = self.plans.get(uuid)
         if plan is None or not plan.fits(name, stats):
-            if len(self.plans) > 100000:
-                self.plans.clear()
             plan = self.plans[uuid] = DomainPlan(self.table, uuid, name, stats)
         return plan
 
@@ -1203,6 +1182,10 @@ class PrometheusFormatter(object):
         for uuid, name in sample.gone:
             buckets[vm_up].append('vm_up{uuid="%s",name="%s"} 0\n'
                                   % (escape_label(uuid), escape_label(name)))
+        if len(self.plans) > 2 * len(sample.domains) + 100:     # forget domains that left
+            present = set(uuid for uuid, _, _ in sample.domains)
+            for uuid in [u for u in self.plans if u not in present]:
+                del self.plans[uuid]
         return buckets
 
     def render(self, sample, openmetrics=False):
@@ -1516,13 +1499,9 @@ class DomainPlan(object):
             if type(value) not in NUMBER_TYPES:
                 continue
             for t in table.targets(key):
-                labels = prefix
-                for label, name_key, index in t.devices:
-                    if name_key:
-                        name_keys.add(name_key)
-                    device = str(stats.get(name_key, index)) if name_key else index
-                    labels += ',%s="%s"' % (label, escape_label(device))
-                labels += "} "
+                name_keys.update(name_key for _, name_key, _ in t.devices if name_key)
+                labels = prefix + "".join(',%s="%s"' % (label, escape_label(device))
+                                          for label, device in device_labels(t, stats)) + "} "
                 self.labels.append(shared.setdefault(labels, labels))
                 self.keys.append(key)
                 self.targets.append(t.summary)      # shared by every domain
@@ -1722,23 +1701,23 @@ class Agent(object):
         """
         sample = self.sampler.latest
         key = (openmetrics, want_gzip)
-        cached = sample.cache.get(key)
-        if cached is None:
+        body = sample.cache.get(key)
+        if body is None:
             with self.render_lock:  # concurrent scrapes render a sample once
-                cached = sample.cache.get(key)
-                if cached is None:
-                    cached = self.formatter.render(sample, openmetrics).encode("utf-8")
+                body = sample.cache.get(key)
+                if body is None:
+                    body = self.formatter.render(sample, openmetrics).encode("utf-8")
                     if want_gzip:
                         compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-                        cached = (compressor.compress(cached), compressor)
-                    sample.cache[key] = cached
+                        body = (compressor.compress(body), compressor)
+                    sample.cache[key] = body
         tail = render_families(self.self_metrics(sample), openmetrics)
         if openmetrics:
             tail += "# EOF\n"
         tail = tail.encode("utf-8")
         if not want_gzip:
-            return cached + tail
-        head, compressor = cached
+            return body + tail
+        head, compressor = body
         compressor = compressor.copy()
         return head + compressor.compress(tail) + compressor.flush()
 
