@@ -362,12 +362,23 @@ class Agent(object):
         return self.log.read().decode("utf-8", "replace")
 
 
+def missing(reason):
+    """Something the tests need is not here: a failure in CI, a skip elsewhere.
+    Raised, so that it works in a test and in setUpClass alike."""
+    if REQUIRE_BENCH:
+        raise AssertionError(reason)
+    raise unittest.SkipTest(reason)
+
+
+def need_tool(name, package):
+    path = shutil.which(name)
+    if path is None:
+        missing("%s is missing (apt-get install %s)" % (name, package))
+    return path
+
+
 def promtool_check(testcase, body):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if REQUIRE_BENCH:
-            testcase.fail("promtool is missing (apt-get install prometheus)")
-        testcase.skipTest("promtool is missing (apt-get install prometheus)")
+    promtool = need_tool("promtool", "prometheus")
     proc = subprocess.run([promtool, "check", "metrics"], input=body,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     testcase.assertEqual(proc.returncode, 0, proc.stdout.decode())
@@ -1052,11 +1063,8 @@ def reference_statsd(testcase):
                                STATSD_SERVER, "statsd@0.9.0"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=300) if npm else None
         if proc is None or proc.returncode != 0 or not os.path.exists(main):
-            reason = "npm could not install statsd@0.9.0: %s" % (
-                proc.stdout.decode()[-500:] if proc else "npm is missing")
-            if REQUIRE_BENCH:
-                testcase.fail(reason)
-            testcase.skipTest(reason)
+            missing("npm could not install statsd@0.9.0: %s" % (
+                proc.stdout.decode()[-500:] if proc else "npm is missing"))
     return main
 
 
@@ -1141,16 +1149,6 @@ class StatsdReferenceServerTests(unittest.TestCase):
 # -----------------------------------------------------------------------------
 # operations: systemd notify, the unit, the RPM, make install, alert rules
 # -----------------------------------------------------------------------------
-
-def need_tool(testcase, name, package):
-    path = shutil.which(name)
-    if path is None:
-        reason = "%s is missing (apt-get install %s)" % (name, package)
-        if REQUIRE_BENCH:
-            testcase.fail(reason)
-        testcase.skipTest(reason)
-    return path
-
 
 def run(args, **kw):
     return subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1254,7 +1252,7 @@ class SystemdNotifyTests(unittest.TestCase):
 class UnitFileTests(unittest.TestCase):
 
     def test_security_exposure_is_low(self):
-        analyze = need_tool(self, "systemd-analyze", "systemd")
+        analyze = need_tool("systemd-analyze", "systemd")
         proc = run([analyze, "security", "--offline=true", os.path.join(HERE, "vadvisor.service")])
         m = re.search(r"Overall exposure level for vadvisor.service: ([0-9.]+)", proc.stdout.decode())
         self.assertIsNotNone(m, proc.stdout.decode())
@@ -1292,7 +1290,7 @@ class PackagingTests(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def setUp(self):
-        need_tool(self, "rpmbuild", "rpm")
+        need_tool("rpmbuild", "rpm")
         self.assertIsNotNone(self.rpm, self.build.stdout.decode()[-2000:])
 
     def query(self, *args):
@@ -1347,7 +1345,7 @@ class PackagingTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stdout)
         self.assertIn(('vm_up{uuid="%s",name="test"} 1' % TEST_UUID).encode(), proc.stdout)
         # the unit as packaged verifies, given the system's own units beside it
-        analyze = need_tool(self, "systemd-analyze", "systemd")
+        analyze = need_tool("systemd-analyze", "systemd")
         system_units = "/usr/lib/systemd/system"
         for name in os.listdir(system_units):
             source = os.path.join(system_units, name)
@@ -1362,7 +1360,7 @@ class PackagingTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stdout)
 
     def test_rpmlint_is_clean(self):
-        need_tool(self, "rpmlint", "rpmlint")
+        need_tool("rpmlint", "rpmlint")
         proc = run(["rpmlint", "-c", os.path.join(HERE, "contrib", "rpmlint.toml"),
                     os.path.join(HERE, "vadvisor.spec"), self.rpm])
         out = proc.stdout.decode()
@@ -1400,7 +1398,7 @@ class PackagingTests(unittest.TestCase):
 class PrometheusSideTests(unittest.TestCase):
 
     def test_alert_rules_check_and_unit_tests(self):
-        promtool = need_tool(self, "promtool", "prometheus")
+        promtool = need_tool("promtool", "prometheus")
         contrib = os.path.join(HERE, "contrib")
         proc = run([promtool, "check", "rules", "vadvisor-alerts.yml"], cwd=contrib)
         self.assertEqual(proc.returncode, 0, proc.stdout)
@@ -1413,7 +1411,7 @@ class PrometheusSideTests(unittest.TestCase):
             self.assertEqual(tested, set(re.findall(r"alert: (\w+)", f.read())))
 
     def test_scrape_config_is_valid(self):
-        promtool = need_tool(self, "promtool", "prometheus")
+        promtool = need_tool("promtool", "prometheus")
         proc = run([promtool, "check", "config", "prometheus-scrape.yml"],
                    cwd=os.path.join(HERE, "contrib"))
         self.assertEqual(proc.returncode, 0, proc.stdout)
@@ -1433,10 +1431,7 @@ class PythonFloorTests(unittest.TestCase):
                     run([os.path.join(VERMIN_VENV, "bin", "pip"), "install", "-q", "vermin"])
                     break
         if not os.path.exists(vermin):
-            reason = "vermin could not be installed into a venv (python3-venv, PyPI)"
-            if REQUIRE_BENCH:
-                self.fail(reason)
-            self.skipTest(reason)
+            missing("vermin could not be installed into a venv (python3-venv, PyPI)")
         proc = run([vermin, "--no-tips", "--violations", "-t=3.6-", AGENT])
         self.assertEqual(proc.returncode, 0, proc.stdout)
 
@@ -1790,7 +1785,7 @@ class TlsAndAuthTests(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_https(self):
-        need_tool(self, "openssl", "openssl")
+        need_tool("openssl", "openssl")
         cert, key = make_certificate(self.tmp)
         agent = agent_on_test_driver("--tls-cert", cert, "--tls-key", key)
         try:
@@ -1803,7 +1798,7 @@ class TlsAndAuthTests(unittest.TestCase):
             self.assertIn(b"vm_up{", resp.read())
             self.assertIn(conn.sock.version(), ("TLSv1.2", "TLSv1.3"))
             conn.close()
-            curl = need_tool(self, "curl", "curl")
+            curl = need_tool("curl", "curl")
             out = run([curl, "-s", "--cacert", cert, "https://127.0.0.1:%d/healthz" % agent.port])
             self.assertEqual(json.loads(out.stdout)["status"], "ok")
             old = run([curl, "-s", "-o", "/dev/null", "--cacert", cert, "--tlsv1.0",
@@ -2145,7 +2140,7 @@ class PrometheusServer(object):
     """A real Prometheus on loopback scraping the given agents every second."""
 
     def __init__(self, testcase, targets):
-        binary = need_tool(testcase, "prometheus", "prometheus")
+        binary = need_tool("prometheus", "prometheus")
         self.tmp = tempfile.mkdtemp(prefix="vadvisor-prom-")
         self.port = free_port()
         with open(os.path.join(self.tmp, "prometheus.yml"), "w") as f:
@@ -2187,9 +2182,7 @@ class MigrationTests(unittest.TestCase):
     def setUpClass(cls):
         reason = HostB.possible()
         if reason:
-            if REQUIRE_BENCH:
-                raise AssertionError(reason)
-            raise unittest.SkipTest(reason)
+            missing(reason)
         cls.conn = Bench.require()
         Bench.clean()
         HostB.start()
@@ -3175,9 +3168,7 @@ class Bench(object):
                 return cls.conn
             except libvirt.libvirtError as exc:
                 reason = "no libvirtd at %s (%s); run 'make testbed' as root" % (SYSTEM_URI, exc)
-        if REQUIRE_BENCH:
-            raise AssertionError(reason)
-        raise unittest.SkipTest(reason)
+        missing(reason)
 
     @classmethod
     def clean(cls):
