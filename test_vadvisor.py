@@ -1054,7 +1054,7 @@ class StatsdAgentTests(unittest.TestCase):
 STATSD_SERVER = "/var/tmp/vadvisor-test-statsd-0.9.0"
 
 
-def reference_statsd(testcase):
+def reference_statsd():
     """The npm 'statsd' 0.9.0 server, installed once into a machine-local cache."""
     main = os.path.join(STATSD_SERVER, "node_modules", "statsd", "stats.js")
     if not os.path.exists(main):
@@ -1103,7 +1103,7 @@ class StatsdReferenceServerTests(unittest.TestCase):
         self.assertGreater(len(got), 40)
 
     def test_reference_server_receives_every_key(self):
-        main = reference_statsd(self)
+        main = reference_statsd()
         statsd_port, mgmt_port = free_port(), free_port()
         config = os.path.join(tempfile.mkdtemp(prefix="vadvisor-statsd-"), "config.js")
         with open(config, "w") as f:
