@@ -1969,7 +1969,10 @@ class LoadTests(unittest.TestCase):
                        - values(before, "vadvisor_samples_total")[0])
             calls = (values(after, "vadvisor_libvirt_calls_total")[0]
                      - values(before, "vadvisor_libvirt_calls_total")[0])
-            self.assertEqual(calls, samples)            # one libvirt call per sample
+            # One libvirt call per sample: scrapes never add calls (60,000 scrapes would
+            # show as thousands).  A call is counted when it starts and its sample when
+            # published, so a snapshot taken mid-sample may be off by that one sample.
+            self.assertLessEqual(abs(calls - samples), 1)
             self.assertGreater(samples, 20)
             growth = rss_late - rss_early
             self.assertLess(growth, 10 * 2 ** 20)       # flat memory
