@@ -317,11 +317,15 @@ class Agent(object):
     """vadvisor.py running as a subprocess on a free loopback port."""
 
     def __init__(self, *args, **kw):
+        """Returns once the agent answers and, unless sampled=False (libvirt
+        unreachable on purpose), once its first sample is in: /healthz 503
+        until then, which on a slow machine outlasts the first requests."""
         self.port = kw.get("port") or free_port()
+        self.sampled = kw.get("sampled", True)
         self.log = tempfile.TemporaryFile()
         self.proc = self._popen(
             [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args))
-        ok = wait_for(self._answers, 15)
+        ok = wait_for(self._ready, 30)
         if not ok:
             self.stop()
             raise AssertionError("agent did not start: %s" % self.output())
@@ -329,15 +333,22 @@ class Agent(object):
     def _popen(self, args):
         return subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def _answers(self):
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("agent exited: %s" % self.output())
         try:
-            if "--tls-cert" in self.proc.args:      # a TCP connect is all plain HTTP may ask
-                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+            if "--tls-cert" in self.proc.args:
+                import ssl
+                conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=2,
+                                                   context=ssl._create_unverified_context())
             else:
-                http_get(self.port, "/healthz", timeout=2)
-            return True
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            conn.request("GET", "/healthz")
+            status = conn.getresponse().status      # 401 too with --basic-auth-file
+            conn.close()
+            return status != 503 or not self.sampled
         except OSError:
-            return self.proc.poll() is not None and None
+            return False
 
     def get(self, path, headers=None, method="GET"):
         return http_get(self.port, path, headers, method)
@@ -1618,6 +1629,34 @@ class LibvirtFaultTests(unittest.TestCase):
         return wait_for(lambda: (lambda f: f if values(
             f, "vadvisor_last_sample_timestamp_seconds")[0] > begun else None)(
             agent.metrics(self)), 10)
+
+    def test_requests_at_start_up_wait_for_the_first_connection(self):
+        pid = libvirtd_pid()
+        if pid is None:
+            self.skipTest("libvirtd runs under another name here (modular daemons)")
+        os.kill(pid, signal.SIGSTOP)    # the agent's first connection hangs until SIGCONT
+        answers = {}
+        try:
+            agent = Agent("--interval", "0.3", "--libvirt-timeout", "20", sampled=False)
+            paths = ("/api/v1.0/specs/" + self.a.name(), "/api/v1.0/stats/?live=true")
+            asks = [threading.Thread(target=lambda p=p: answers.update({p: agent.get(p)}))
+                    for p in paths]
+            for ask in asks:
+                ask.start()
+            time.sleep(1.5)
+            self.assertEqual(answers, {})       # waiting, not failed
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        try:
+            for ask in asks:
+                ask.join(15)
+            self.assertEqual(sorted(answers), sorted(paths))
+            for path in paths:
+                self.assertEqual(answers[path][0], 200, answers[path][2])
+            self.assertEqual(json.loads(answers[paths[0]][2])["name"]["value"], self.a.name())
+            self.assertIn(self.a.UUIDString(), json.loads(answers[paths[1]][2]))
+        finally:
+            agent.stop()
 
     def test_specs_hold_no_secrets(self):
         xml = GUEST_XML % {"type": "qemu", "name": PREFIX + "vnc", "vcpus": 1,
@@ -3077,7 +3116,7 @@ class CommandLineTests(unittest.TestCase):
 
     def test_unreachable_libvirt_keeps_serving_and_logs_once(self):
         needs_libvirt(self)
-        agent = Agent("--connect", "qemu+unix:///system?socket=/nonexistent/sock")
+        agent = Agent("--connect", "qemu+unix:///system?socket=/nonexistent/sock", sampled=False)
         try:
             time.sleep(3.5)      # retries after 1 and 2 seconds
             status, _, body = agent.get("/metrics")
@@ -3104,14 +3143,14 @@ class CommandLineTests(unittest.TestCase):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for host in ("127.0.0.1", "::1"):
-                def answers():
+                def healthy():      # 503 until the first sample is in
                     try:
                         conn = http.client.HTTPConnection(host, port, timeout=2)
                         conn.request("GET", "/healthz")
-                        return conn.getresponse().status
+                        return conn.getresponse().status == 200
                     except OSError:
-                        return None
-                self.assertEqual(wait_for(answers, 10), 200, host)
+                        return False
+                self.assertTrue(wait_for(healthy, 10), host)
         finally:
             proc.terminate()
             proc.wait(10)

@@ -692,13 +692,17 @@ class Sampler(object):
         under way may predate what the caller looks for, a new domain).
         Returns None when libvirt is unreachable or no sample came in time.
         """
-        if not self.hypervisor.up:
+        # up is None while the first connection is being opened: a request
+        # that comes in at start-up waits for it rather than failing.
+        if self.hypervisor.up is False:
             return None
         with self.new_sample:
             wanted = self.latest.seq + (2 if started_after and self.sampling else 1)
             if started_after or not self.sampling:  # else the one under way will do
                 self.wakeup.set()
-            if self.new_sample.wait_for(lambda: self.latest.seq >= wanted, timeout):
+            self.new_sample.wait_for(
+                lambda: self.latest.seq >= wanted or self.hypervisor.up is False, timeout)
+            if self.latest.seq >= wanted:
                 return self.latest
         return None
 
@@ -765,6 +769,7 @@ class Sampler(object):
         finally:
             with self.new_sample:
                 self.sampling = False
+                self.new_sample.notify_all()    # a failed round ends live waits too
 
 
 # =============================================================================
