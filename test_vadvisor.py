@@ -811,22 +811,23 @@ class EventHubTests(unittest.TestCase):
         hub = vadvisor.EventHub(max_events=1000, queue_limit=500)
         fast = hub.subscribe(vadvisor.EventFilter(), None)[0]
         slow = hub.subscribe(vadvisor.EventFilter(), None)[0]
-        received = []
+        received, overflows = [], []
         done = threading.Event()
 
         def read_fast():
             while not done.is_set() or fast.queue:
                 batch, overflowed, _ = hub.next(fast, 0.05)
-                self.assertFalse(overflowed)
+                overflows.append(overflowed)
                 received.extend(e.id for e in batch)
         reader = threading.Thread(target=read_fast)
         reader.start()
         for i in range(10000):
             hub.publish("vm%d" % i, TEST_UUID, i % 9, 0)
-            if i % 400 == 399:
-                time.sleep(0.002)   # let the fast reader run, as a network client would
+            if i % 400 == 399:      # a client that keeps up: it drains before 500 pile up
+                wait_for(lambda: len(fast.queue) < 100, 10, 0.001)
         done.set()
         reader.join(10)
+        self.assertNotIn(True, overflows)
         self.assertEqual(received, list(range(1, 10001)))          # all, in order
         self.assertEqual(len(hub.events), 1000)                    # history bound
         batch, overflowed, _ = hub.next(slow, 0)
@@ -1555,7 +1556,7 @@ class LibvirtFaultTests(unittest.TestCase):
 
     def test_a_hung_guest(self):
         receiver = NotifyReceiver()
-        agent = NotifyAgent(receiver, "--interval", "0.5", "--libvirt-timeout", "1",
+        agent = NotifyAgent(receiver, "--interval", "0.5", "--libvirt-timeout", "2",
                             WATCHDOG_USEC="1000000")
         pid = self.qemu_pid(self.a)
         a, b = self.a.name(), self.b.name()
@@ -1567,9 +1568,10 @@ class LibvirtFaultTests(unittest.TestCase):
             os.kill(pid, signal.SIGSTOP)
             hung = time.monotonic()
             try:
+                # a busy machine may time out the retry too: the sampler backs off, then retries
                 stale = wait_for(lambda: values(agent.metrics(self), "vm_stats_stale", name=a) == [1],
-                                 10)
-                self.assertTrue(stale, "the hung guest is not marked stale")
+                                 20)
+                self.assertTrue(stale, "the hung guest is not marked stale: %s" % agent.output()[-2000:])
                 latencies = []
                 for _ in range(10):
                     started = time.monotonic()
