@@ -1569,9 +1569,13 @@ class LibvirtFaultTests(unittest.TestCase):
             hung = time.monotonic()
             try:
                 # a busy machine may time out the retry too: the sampler backs off, then retries
-                stale = wait_for(lambda: values(agent.metrics(self), "vm_stats_stale", name=a) == [1],
-                                 20)
+                stale = wait_for(lambda: (lambda f: f if values(f, "vm_stats_stale", name=a) == [1]
+                                          else None)(agent.metrics(self)), 20)
                 self.assertTrue(stale, "the hung guest is not marked stale: %s" % agent.output()[-2000:])
+                # the sample is the retry's: a given-up call's 2 s are not its duration
+                # (they would double the rest before the next sample)
+                if values(stale, "vadvisor_libvirt_timeouts_total")[0]:    # else none was given up
+                    self.assertLess(values(stale, "vadvisor_collect_duration_seconds")[0], 2)
                 latencies = []
                 for _ in range(10):
                     started = time.monotonic()
@@ -1583,7 +1587,11 @@ class LibvirtFaultTests(unittest.TestCase):
                       end=" ")
                 self.assertEqual(values(fams, "vm_stats_stale", name=b), [0])   # others fresh
                 self.assertEqual(values(fams, "vm_stats_age_seconds", name=b), [0])
-                self.assertLess(values(fams, "vadvisor_sample_age_seconds")[0], 2.5)
+                self.assertLess(values(fams, "vadvisor_sample_age_seconds")[0], 2.5, [
+                    (n, values(fams, n)) for n in (
+                        "vadvisor_collect_duration_seconds", "vadvisor_libvirt_timeouts_total",
+                        "vadvisor_sample_errors_total", "vadvisor_libvirt_calls_total",
+                        "vadvisor_samples_total", "vadvisor_libvirt_stuck_calls")])
                 self.assertGreater(values(fams, "vm_stats_age_seconds", name=a)[0], 1)
                 self.assertEqual(len(values(fams, "vm_disk_read_bytes_total", name=a)), 1)
                 self.assertLessEqual(values(fams, "vadvisor_libvirt_stuck_calls")[0], 2)

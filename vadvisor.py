@@ -564,10 +564,7 @@ class Sampler(object):
     def sample(self):
         """Take one sample; returns it, or raises libvirtError or Stuck."""
         conn = self.bounded(self.hypervisor.connection)
-        started = time.time()
-        clock = time.monotonic()
-        records = self.stats_call(conn)
-        duration = time.monotonic() - clock
+        records, started, duration = self.stats_call(conn)
         self.busy_seconds += duration
         self.hypervisor.answered()
         domains, handles = [], {}
@@ -586,11 +583,16 @@ class Sampler(object):
 
         A call stuck on a hung guest holds that guest's job; the second call's
         NOWAIT flag makes libvirt skip that guest and answer for the others.
+        Returns (records, wall-clock start, duration) of the call that answered:
+        the values are from its moment, and an abandoned call waits on a guest's
+        monitor, not on libvirtd's CPU, so the pacing rule does not count it.
         """
         for attempt in (1, 2):
             self.calls_total += 1
+            started, clock = time.time(), time.monotonic()
             try:
-                return self.bounded(conn.getAllDomainStats, self.groups, self.flags)
+                records = self.bounded(conn.getAllDomainStats, self.groups, self.flags)
+                return records, started, time.monotonic() - clock
             except Stuck:
                 if attempt == 2:
                     raise
@@ -618,7 +620,7 @@ class Sampler(object):
                     self.stuck -= 1
                 done.set()
         threading.Thread(target=work, name="libvirt-call", daemon=True).start()
-        if not done.wait(self.timeout):
+        if not self.beating_wait(done, self.timeout):
             with self.call_lock:
                 if not done.is_set():
                     box["abandoned"] = True
@@ -724,15 +726,20 @@ class Sampler(object):
                 # Woken by a live request: keep the rest, and gather the
                 # burst it may belong to so that the burst shares one call.
                 remaining = rest - (time.monotonic() - ended)
-                self.stopping.wait(max(remaining, LIVE_GATHER_SECONDS))
+                self.beating_wait(self.stopping, max(remaining, LIVE_GATHER_SECONDS))
             self.wakeup.clear()
 
     def pause(self, seconds):
-        """Waits until a live request (True) or the end of the pause (False).
+        """Waits until a live request (True) or the end of the pause (False)."""
+        return self.beating_wait(self.wakeup, seconds)
 
-        Beats the heartbeat every 0.2 s meanwhile (it decides what to send): the loop is
-        alive even while libvirt is down.  A libvirt call that hangs stops the
-        beat, which is what the systemd watchdog is for.
+    def beating_wait(self, event, seconds):
+        """event.wait(seconds), beating the heartbeat every 0.2 s meanwhile (it
+        decides what to send) while libvirt is responsive.
+
+        The beat goes on through pauses, while libvirt is down and while a call
+        waits on a hung guest; it stops only once libvirt has answered nothing
+        for twice --libvirt-timeout, which is what the systemd watchdog is for.
         """
         deadline = time.monotonic() + seconds
         while True:
@@ -740,19 +747,18 @@ class Sampler(object):
                 self.heartbeat()
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
-            if self.wakeup.wait(min(left, 0.2)):
+                return event.is_set()
+            if event.wait(min(left, 0.2)):
                 return True
 
     def round(self):
-        """One sample; returns the minimum rest before the next one."""
-        began = time.monotonic()
+        """One sample; returns the minimum rest before the next one (the pacing rule)."""
         with self.new_sample:
             self.sampling = True
         try:
-            self.sample()
+            sample = self.sample()
             self.backoff = 0
-            return REST_FACTOR * (time.monotonic() - began)
+            return REST_FACTOR * sample.duration
         except (libvirt.libvirtError, Stuck) as exc:
             self.errors_total += 1
             if isinstance(exc, Stuck):
@@ -2640,10 +2646,6 @@ def main(argv=None):
                          % (args.listen or "*", args.port, exc.strerror or exc))
         return 1
     notifier = SystemdNotifier()
-    sampler.heartbeat = lambda: notifier.beat(agent.status)
-    sampler.start()
-    if statsd is not None:
-        statsd.start()
 
     def shutdown(signum, _frame):
         log.info("signal %d: shutting down", signum)
@@ -2655,7 +2657,11 @@ def main(argv=None):
     signal.signal(signal.SIGINT, shutdown)
     log.info("vadvisor %s listening on port %d, libvirt %s",
              VERSION, server.server_address[1], args.connect)
-    notifier.ready(agent.status())
+    notifier.ready(agent.status())      # the port is bound: READY before any beat
+    sampler.heartbeat = lambda: notifier.beat(agent.status)
+    sampler.start()
+    if statsd is not None:
+        statsd.start()
     server.serve_forever(poll_interval=0.2)
     sampler.stop()
     if statsd is not None:
