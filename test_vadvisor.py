@@ -1571,7 +1571,11 @@ class LibvirtFaultTests(unittest.TestCase):
                 # a busy machine may time out the retry too: the sampler backs off, then retries
                 stale = wait_for(lambda: (lambda f: f if values(f, "vm_stats_stale", name=a) == [1]
                                           else None)(agent.metrics(self)), 20)
-                self.assertTrue(stale, "the hung guest is not marked stale: %s" % agent.output()[-2000:])
+                self.assertTrue(stale, "the hung guest is not marked stale: %s %s %s" % (
+                    agent.get("/healthz")[2], [(n, values(agent.metrics(self), n)) for n in (
+                        "vadvisor_libvirt_timeouts_total", "vadvisor_libvirt_calls_total",
+                        "vadvisor_samples_total", "vadvisor_libvirt_stuck_calls")],
+                    agent.output()[-2000:]))
                 # the sample is the retry's: a given-up call's 2 s are not its duration
                 # (they would double the rest before the next sample)
                 if values(stale, "vadvisor_libvirt_timeouts_total")[0]:    # else none was given up
