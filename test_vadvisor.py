@@ -1251,6 +1251,21 @@ class SystemdNotifyTests(unittest.TestCase):
         notifier.beat(lambda: "x")
         self.assertIsNone(notifier.sock)
 
+    def test_a_notify_socket_nobody_reads_never_stalls_sampling(self):
+        receiver = NotifyReceiver()     # never read: its queue fills after a few datagrams
+        agent = NotifyAgent(receiver, "--connect", "test:///default", "--interval", "0.2",
+                            WATCHDOG_USEC="100000")
+        try:
+            time.sleep(4)               # some 80 beats
+            before = values(agent.metrics(self), "vadvisor_samples_total")[0]
+            time.sleep(1)
+            fams = agent.metrics(self)
+            self.assertGreaterEqual(values(fams, "vadvisor_samples_total")[0] - before, 2)
+            self.assertLess(values(fams, "vadvisor_sample_age_seconds")[0], 2)
+        finally:
+            agent.stop()
+        self.assertEqual(agent.output().count("systemd notify"), 1, agent.output())
+
     def test_watchdog_pid_of_another_process_is_ignored(self):
         notifier = vadvisor.SystemdNotifier({"NOTIFY_SOCKET": "/nonexistent",
                                              "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})

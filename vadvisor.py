@@ -2399,6 +2399,7 @@ class SystemdNotifier(object):
             self.every = int(usec) / 2e6
         self.last = 0.0
         self.sock = None
+        self.failed = False
 
     def send(self, *messages):
         if self.address is None:
@@ -2406,9 +2407,15 @@ class SystemdNotifier(object):
         try:
             if self.sock is None:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # The sampler sends the beats: a reader that falls behind
+                # (a full queue) costs a beat, never a stalled sampler.
+                self.sock.setblocking(False)
             self.sock.sendto("\n".join(messages).encode("utf-8"), self.address)
         except OSError as exc:
-            log.debug("systemd notify to %r failed: %s", self.address, exc)
+            (log.debug if self.failed else log.warning)(
+                "systemd notify to %r failed: %s (later failures are logged with -v)",
+                self.address.replace("\0", "@"), exc)
+            self.failed = True
 
     def ready(self, status):
         self.send("READY=1", "STATUS=" + status)
