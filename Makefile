@@ -36,11 +36,14 @@ testbed: deps-bench
 	@[ ! -e /dev/kvm ] || [ "$$(id -u)" != 0 ] || chmod 666 /dev/kvm
 	@if ! virsh -c qemu:///system version >/dev/null 2>&1; then \
 	  [ "$$(id -u)" = 0 ] || { echo "testbed: libvirtd is not running; run 'make testbed' as root"; exit 0; }; \
-	  pgrep -x virtlogd >/dev/null || virtlogd -d; \
-	  pgrep -x libvirtd >/dev/null || libvirtd -d; \
-	  for i in $$(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done; \
+	  for i in $$(seq 150); do \
+	    pgrep -x virtlogd >/dev/null || virtlogd -d; \
+	    pgrep -x libvirtd >/dev/null || libvirtd -d; \
+	    virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; \
+	  done; \
 	fi
-	@virsh -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running hypervisor: /testbed: /p'
+	@virsh -c qemu:///system version --daemon 2>/dev/null | sed -n 's/^Running hypervisor: /testbed: /p' | grep . \
+	  || echo "testbed: libvirtd does not answer at qemu:///system"
 
 # Speed and memory against baselines measured in the same run (BENCH_GUESTS=40 real guests).
 bench: testbed
