@@ -2503,14 +2503,24 @@ def positive_float(text):
     return value
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
-    return value
+def whole_number(low, high=None, what="a whole number"):
+    """An argparse type: an int from low to high (no upper bound when None)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, what))
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                "%d must be %d or more" % (value, low) if high is None
+                else "%d is out of range %d-%d" % (value, low, high))
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
+port_number = whole_number(0, 65535, "a port number")
+packet_size = whole_number(64, 65507)
 
 
 def non_negative_float(text):
@@ -2519,32 +2529,12 @@ def non_negative_float(text):
     return positive_float(text)
 
 
-def port_number(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port %d is out of range 0-65535" % value)
-    return value
-
-
 def statsd_prefix(text):
     parts = text.split(".")
     if not all(parts) or any(STATSD_UNSAFE_RE.search(p) for p in parts):
         raise argparse.ArgumentTypeError(
             "%r: use letters, digits, '_' and '-', in parts separated by '.'" % text)
     return text
-
-
-def packet_size(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if not 64 <= value <= 65507:
-        raise argparse.ArgumentTypeError("%d is out of range 64-65507" % value)
-    return value
 
 
 def collect_groups(text):
