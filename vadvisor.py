@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import re
+import resource
 import signal
 import socket
 import sys
@@ -58,11 +59,16 @@ log = logging.getLogger("vadvisor")
 
 DEFAULT_GROUPS = ("state", "cpu_total", "balloon", "vcpu", "interface", "block")
 OPTIONAL_GROUPS = ("perf", "iothread", "dirtyrate", "memory", "vm")
+# The groups of the values the fast tier reads every --interval, for domains
+# the host kernel cannot answer for; libvirt's state group alone otherwise.
+FAST_GROUPS = ("state", "cpu_total", "vcpu", "balloon", "interface")
+SOURCES = ("auto", "libvirt")
 
 # virDomainState, in libvirt's enum order; the JSON API names states this way.
 DOMAIN_STATES = ("NoState", "Running", "Blocked", "Paused", "Shutdown",
                  "Shutoff", "Crashed", "PMSuspended")
 VCPU_STATES = ("Offline", "Running", "Blocked")
+INACTIVE_STATES = (0, 5)    # nostate and shutoff: no QEMU process
 
 # Lifecycle event types and their detail reasons, in libvirt's enum order
 # (libvirt 9.0).  Codes beyond these tables come from newer libvirt and are
@@ -85,9 +91,9 @@ EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
 
 NUMBER_TYPES = (int, float, bool)
 REST_FACTOR = 1             # rest at least this many times a sample's duration
-LIVE_GATHER_SECONDS = 0.01
+LIVE_GATHER_SECONDS = 0.05      # live requests this close together share one libvirt call
 STREAM_SEND_BUFFER = 65536      # bytes of kernel buffer per event stream
-MAX_STUCK = 2                   # abandoned libvirt calls before no new one is started      # live requests this close together share one libvirt call
+MAX_STUCK = 2                   # abandoned libvirt calls before no new one is started
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                      r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -274,12 +280,409 @@ class Hypervisor(object):
 # Sampler and history store
 # =============================================================================
 
+# -- the host-kernel tier --------------------------------------------------------
+#
+# libvirt itself reads a running QEMU domain's CPU, vCPU, RSS and tap counters
+# from the host kernel.  Read here directly they cost microseconds and no
+# monitor round trip, so they are read every --interval; everything else comes
+# from libvirt's full sample every --full-interval.
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+NS_PER_SECOND = 1000000000
+VCPU_THREAD_RE = re.compile(rb"^CPU (\d+)/(?:KVM|TCG|HVF)$")
+CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")     # cgroup v2: hybrid, unified
+CGROUP_V1_ROOTS = ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct,cpu",
+                   "/sys/fs/cgroup/cpuacct")
+WAIT_PREFIXES = (b"se.statistics.wait_sum", b"se.wait_sum")   # what libvirt looks for
+
+
+class KernelFile(object):
+    """A /proc or /sys file kept open and re-read with pread: a fifth of the cost
+    of opening it each time.  An open /proc/PID file stays bound to its
+    process: once that exits, reads fail rather than read a reused pid."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def read(self, size=4096):
+        data = os.pread(self.fd, size, 0)
+        while len(data) == size:        # a long file (/proc/net/dev of a busy host)
+            size *= 4
+            data = os.pread(self.fd, size, 0)
+        return data
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def stat_fields(data):
+    """/proc/PID/stat's fields after the command name (which may hold spaces):
+    index 0 is field 3, state."""
+    return data[data.rindex(b")") + 2:].split()
+
+
+def ticks_ns(ticks):
+    return ticks * NS_PER_SECOND // CLOCK_TICKS
+
+
+class CgroupCpu(object):
+    """A domain's CPU time from its cgroup, where libvirt reads it too."""
+
+    def __init__(self, path, version):
+        self.version = version
+        if version == 2:
+            self.stat = KernelFile(path + "/cpu.stat")
+        else:
+            self.usage = KernelFile(path + "/cpuacct.usage")
+            self.stat = KernelFile(path + "/cpuacct.stat")
+
+    def read(self):
+        """(cpu.time, cpu.user, cpu.system) in ns."""
+        fields = dict(line.split() for line in self.stat.read().splitlines() if b" " in line)
+        if self.version == 2:
+            return (int(fields[b"usage_usec"]) * 1000, int(fields[b"user_usec"]) * 1000,
+                    int(fields[b"system_usec"]) * 1000)
+        return (int(self.usage.read()), ticks_ns(int(fields[b"user"])),
+                ticks_ns(int(fields[b"system"])))
+
+    def close(self):
+        for name in ("stat", "usage"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+
+    @classmethod
+    def of(cls, pid):
+        """The cgroup libvirt put the domain in (its emulator thread's parent), or None."""
+        try:
+            with open("/proc/%d/cgroup" % pid) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:      # cgroup v1's cpuacct first: where it is used, libvirt reads it
+            _, controllers, path = line.split(":", 2)
+            if "cpuacct" in controllers.split(",") and path != "/":
+                found = cls._open(CGROUP_V1_ROOTS, path, 1)
+                if found:
+                    return found
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers == "" and path != "/":
+                return cls._open(CGROUP_ROOTS, path, 2)
+        return None
+
+    @classmethod
+    def _open(cls, roots, path, version):
+        if path.endswith("/emulator"):
+            path = path[:-len("/emulator")]
+        for root in roots:
+            try:
+                return cls(root + path, version)
+            except OSError:
+                continue
+        return None
+
+
+class QemuProcess(object):
+    """One running domain's QEMU process and the kernel files that describe it."""
+
+    def __init__(self, pid, start):
+        self.pid, self.start = pid, start
+        self.stat = KernelFile("/proc/%d/stat" % pid)
+        self.cgroup = CgroupCpu.of(pid)
+        self.vcpus = {}             # vCPU index -> (task stat, task schedstat, task sched or None)
+        self.vcpus_scanned = None   # the vCPU indexes looked for last time
+
+    def find_vcpus(self, wanted):
+        """Map vCPU indexes to their threads, named 'CPU N/KVM' by QEMU."""
+        self.vcpus_scanned = wanted
+        task = "/proc/%d/task" % self.pid
+        for tid in os.listdir(task):
+            try:
+                with open("%s/%s/comm" % (task, tid), "rb") as f:
+                    match = VCPU_THREAD_RE.match(f.read().strip())
+                index = int(match.group(1)) if match else None
+                if index in wanted and index not in self.vcpus:
+                    path = "%s/%s/" % (task, tid)
+                    self.vcpus[index] = (KernelFile(path + "stat"), KernelFile(path + "schedstat"),
+                                         wait_file(path + "sched"))
+            except (OSError, ValueError):
+                continue    # a thread that ended meanwhile
+
+    def read(self, vcpus):
+        """The libvirt keys this process answers, in libvirt's units.  Raises
+        OSError once the process is gone, or LookupError if the pid was reused."""
+        fields = stat_fields(self.stat.read())
+        if int(fields[19]) != self.start:
+            raise LookupError("pid %d now belongs to another process" % self.pid)
+        utime, stime = int(fields[11]), int(fields[12])
+        if self.cgroup is not None:
+            cpu, user, system = self.cgroup.read()
+        else:
+            cpu, user, system = ticks_ns(utime + stime), ticks_ns(utime), ticks_ns(stime)
+        stats = {"cpu.time": cpu, "cpu.user": user, "cpu.system": system,
+                 "balloon.rss": int(fields[21]) * PAGE_KIB}
+        if set(vcpus) - set(self.vcpus) and vcpus != self.vcpus_scanned:
+            self.find_vcpus(vcpus)
+        for index in vcpus:
+            files = self.vcpus.get(index)
+            if files is None:
+                continue    # not found: libvirt's value is carried
+            try:
+                task = stat_fields(files[0].read())
+                delay = int(files[1].read().split()[1])
+                wait = sched_wait(files[2].read(16384)) if files[2] else 0
+            except (OSError, IndexError, ValueError):
+                continue    # a vCPU unplugged meanwhile
+            stats["vcpu.%d.time" % index] = ticks_ns(int(task[11]) + int(task[12]))
+            stats["vcpu.%d.delay" % index] = delay
+            stats["vcpu.%d.wait" % index] = wait
+        return stats
+
+    def close(self):
+        self.stat.close()
+        if self.cgroup is not None:
+            self.cgroup.close()
+        for files in self.vcpus.values():
+            for f in files:
+                if f is not None:
+                    f.close()
+
+
+def sched_wait(data):
+    """vcpu.N.wait as libvirt computes it: the wait_sum line of the thread's sched
+    file (ms with a fraction) in ns.  Kernels since 5.16 name the line plain
+    'wait_sum', which libvirt does not look for: it reports 0 there."""
+    for line in data.splitlines():
+        if line.startswith(WAIT_PREFIXES):
+            return int(float(line.partition(b":")[2]) * 1000000)
+    return 0
+
+
+def wait_file(path):
+    """The sched file kept open when it has a line libvirt reads; None when its
+    value would always be 0 (a kernel without schedstats, or since 5.16)."""
+    try:
+        found = KernelFile(path)
+        if any(line.startswith(WAIT_PREFIXES) for line in found.read(16384).splitlines()):
+            return found
+        found.close()
+    except OSError:
+        pass
+    return None
+
+
+def qemu_processes(uuids):
+    """{uuid: [(pid, start time), ...]} of the processes whose command line
+    has '-uuid <uuid>', for the uuids wanted; one pass over /proc."""
+    wanted = dict((u.encode("ascii"), u) for u in uuids)
+    found = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as f:
+                args = f.read().split(b"\0")
+            if b"-uuid" not in args:
+                continue
+            uuid = wanted.get(args[args.index(b"-uuid") + 1].lower())
+            if uuid is None:
+                continue
+            with open("/proc/%s/stat" % entry, "rb") as f:
+                start = int(stat_fields(f.read())[19])
+            found[uuid].append((int(entry), start, b"\0".join(args)))
+        except (OSError, IndexError, ValueError):
+            continue    # a process that ended meanwhile, or hidden from us
+    return found
+
+
+def net_dev(data):
+    """{interface: (rx bytes, packets, errs, drop, tx bytes, packets, errs, drop)}
+    from /proc/net/dev, the file libvirt reads tap counters from."""
+    counters = {}
+    for line in data.splitlines()[2:]:
+        name, _, numbers = line.partition(b":")
+        fields = numbers.split()
+        if len(fields) >= 12:
+            counters[name.strip().decode("utf-8", "replace")] = (
+                tuple(int(v) for v in fields[0:4]) + tuple(int(v) for v in fields[8:12]))
+    return counters
+
+
+def nic_views(spec):
+    """{tap name: True when libvirt swaps its rx and tx} from a domain's spec.
+
+    A tap is the host's end of the guest's NIC, so libvirt swaps its counters;
+    a macvtap (type direct, or a network of macvtaps: its source has a mode)
+    shares the guest's view and is not swapped.  vhost-user NICs are counted
+    by Open vSwitch, not the kernel: they stay libvirt's."""
+    views = {}
+    for device in (spec or {}).get("devices", ()):
+        if device.get("family") != "interface" or device.get("type") == "vhostuser":
+            continue
+        tap = (device.get("target") or {}).get("dev")
+        if isinstance(tap, str):
+            macvtap = device.get("type") == "direct" or "mode" in (device.get("source") or {})
+            views[tap] = not macvtap
+    return views
+
+
+def local_qemu(conn):
+    """None when the connection's domains run as processes of this host's kernel
+    (the QEMU driver over a local socket), else why not."""
+    try:
+        uri, driver = conn.getURI(), conn.getType()
+    except libvirt.libvirtError as exc:
+        return "libvirt does not say its driver (%s)" % exc
+    if driver != "QEMU":
+        return "the %s driver runs no QEMU processes here" % driver
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    if parts.hostname or transport not in ("", "unix"):
+        return "%s is a remote URI" % uri
+    if not os.access("/proc/self/net/dev", os.R_OK):
+        return "/proc is not readable"
+    return None
+
+
+class KernelTier(object):
+    """The fast tier's host-kernel reads: each running QEMU domain's process is
+    found once, by the '-uuid' argument in its command line, and its files are
+    then kept open.  A domain whose process cannot be found or read falls back
+    to libvirt (logged once); it is looked for again after --full-interval, or
+    at once after a lifecycle event."""
+
+    def __init__(self, retry_seconds):
+        self.retry = retry_seconds
+        self.processes = {}     # uuid -> QemuProcess
+        self.unmatched = {}     # uuid -> when to look again (monotonic)
+        self.logged = set()     # uuids whose fallback was logged
+        self.views = {}         # uuid -> (spec, nic_views(spec))
+        self.reason = "not connected yet"   # why the kernel is not read, or None
+        self.conn = None        # the connection the reason is about
+        self.net = None
+        self.counters = None    # /proc/net/dev of this round
+
+    def attach(self, conn, reason):
+        """A new connection, and why its domains cannot be read from the kernel (None: they can)."""
+        self.conn = conn
+        if reason != self.reason:
+            if reason:
+                log.warning("statistics come from libvirt only: %s", reason)
+            else:
+                log.info("CPU, vCPU, memory and network statistics come from the host kernel")
+        self.reason = reason
+        if reason is None and self.net is None:
+            self.net = KernelFile("/proc/self/net/dev")
+
+    def begin(self, wanted):
+        """A new round; wanted: [(uuid, domain id)] of active domains."""
+        self.counters = None
+        now = time.monotonic()
+        missing = [(u, i) for u, i in wanted if u not in self.processes
+                   and self.unmatched.get(u, 0) <= now]
+        if missing:
+            found = qemu_processes([u for u, _ in missing])
+            news = []
+            for uuid, dom_id in missing:
+                why = self.match(uuid, dom_id, found.get(uuid, ()))
+                if why:
+                    self.unmatched[uuid] = now + self.retry
+                    if uuid not in self.logged:
+                        self.logged.add(uuid)
+                        news.append("%s: %s" % (uuid, why))
+            if news:    # one line a round, however many domains (hidepid hides them all)
+                log.warning("%d domain(s) read through libvirt, not the host kernel: %s%s",
+                            len(news), news[0], " (and more)" if len(news) > 1 else "")
+
+    def match(self, uuid, dom_id, candidates):
+        """Keeps the domain's process; returns why not, or None."""
+        if len(candidates) > 1:     # a migration between two hosts on one machine
+            mark = ("domain-%d-" % dom_id).encode()
+            candidates = [c for c in candidates if mark in c[2]]
+        if not candidates:
+            return "no visible process has -uuid %s" % uuid
+        if len(candidates) > 1:
+            return "several processes have -uuid %s" % uuid
+        pid, start, _ = candidates[0]
+        try:
+            self.processes[uuid] = QemuProcess(pid, start)
+        except OSError as exc:
+            return "process %d not readable: %s" % (pid, exc)
+        self.unmatched.pop(uuid, None)
+        self.logged.discard(uuid)
+        return None
+
+    def read(self, uuid, stats, spec):
+        """The kernel's values for a domain, or None: then libvirt must read them."""
+        process = self.processes.get(uuid)
+        if process is None:
+            return None
+        vcpus = tuple(int(k.split(".")[1]) for k in stats
+                      if k.startswith("vcpu.") and k.endswith(".state"))
+        try:
+            found = process.read(vcpus)
+        except (OSError, LookupError, IndexError, ValueError) as exc:
+            self.forget(uuid)       # gone or reused: looked for again next round
+            log.debug("domain %s: process %d not read: %s", uuid, process.pid, exc)
+            return None
+        self.add_network(uuid, stats, spec, found)
+        return found
+
+    def add_network(self, uuid, stats, spec, found):
+        cached_spec, views = self.views.get(uuid, (None, {}))
+        if spec is not cached_spec:
+            views = nic_views(spec)
+            self.views[uuid] = (spec, views)
+        for key, tap in stats.items():
+            if not (key.startswith("net.") and key.endswith(".name")) or tap not in views:
+                continue        # a NIC whose type the spec does not say yet: carried
+            if self.counters is None:
+                self.counters = net_dev(self.net.read())
+            values = self.counters.get(tap)
+            if values is None:
+                continue
+            if views[tap]:
+                values = values[4:] + values[:4]
+            prefix = key[:-4]
+            for i, field in enumerate(NET_FIELDS):
+                found[prefix + field] = values[i]
+
+    def forget(self, uuid):
+        process = self.processes.pop(uuid, None)
+        if process is not None:
+            process.close()
+
+    def keep_only(self, uuids):
+        """Forget what is kept for domains no longer active."""
+        for uuid in [u for u in self.processes if u not in uuids]:
+            self.forget(uuid)
+        for table in (self.unmatched, self.views):
+            for uuid in [u for u in table if u not in uuids]:
+                del table[uuid]
+        self.logged &= set(uuids)
+
+
+NET_FIELDS = ("rx.bytes", "rx.pkts", "rx.errs", "rx.drop",
+              "tx.bytes", "tx.pkts", "tx.errs", "tx.drop")
+
+
+# -- the libvirt tier -------------------------------------------------------------
+
 def stats_groups(collect):
     """The getAllDomainStats group mask for the default plus opt-in groups."""
+    return group_mask(DEFAULT_GROUPS + tuple(collect), warn=True)
+
+
+def group_mask(groups, warn=False):
     mask = 0
-    for group in DEFAULT_GROUPS + tuple(collect):
+    for group in groups:
         value = libvirt_constant("VIR_DOMAIN_STATS_" + group.upper())
-        if not value:
+        if not value and warn:
             log.warning("stat group %r is not supported by this libvirt binding; skipped", group)
         mask |= value
     return mask
@@ -304,16 +707,19 @@ def is_partial(last, stats):
 
 
 class Sample(object):
-    """One bulk call's result: [(uuid, name, {flat key: value})]."""
+    """One round's result: [(uuid, name, {flat key: value})], every value in
+    libvirt's keys and units whichever tier read it."""
 
-    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache")
+    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache", "full", "kernel_domains")
 
-    def __init__(self, seq, when, duration, domains, gone=()):
+    def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0):
         self.seq = seq
         self.time = when
-        self.duration = duration
+        self.duration = duration    # of the round's libvirt calls
         self.domains = domains
         self.gone = gone        # [(uuid, name)] of recently vanished domains
+        self.full = full        # True: libvirt read every group (the full tier)
+        self.kernel_domains = kernel_domains    # domains whose fast values the kernel gave
         self.cache = {}         # rendered bodies, per format
 
 
@@ -480,6 +886,10 @@ class SpecCache(object):
         with self.lock:
             self.dirty.add(uuid)
 
+    def peek(self, uuid):
+        """The spec of a uuid as it is now, without waiting (the sampler's use)."""
+        return self.specs.get(uuid)
+
     def refresh(self, domains, seq):
         """Fetch what is missing or dirty; domains maps uuid -> virDomain."""
         with self.lock:
@@ -519,18 +929,26 @@ class SpecCache(object):
 
 
 class Sampler(object):
-    """Takes the samples: one bulk stats call per sample, nothing else per sample.
+    """Takes the samples, in two tiers, on one thread.
 
-    Pacing rule: a sample starts --interval after the previous one started,
-    but never sooner than the previous sample's duration after it ended, so
-    the agent keeps libvirtd busy at most half of the time, however slow
-    libvirt gets.  A live request can end the
-    wait early, never that rest.  While libvirt is unreachable it retries
-    after 1, 2, 4 ... 30 seconds.
+    The fast tier, every --interval: libvirt's state group (no QEMU work) plus
+    the host kernel's CPU, vCPU, RSS and tap counters of each running QEMU
+    domain (KernelTier); a domain the kernel cannot answer for is read through
+    libvirt's groups of those values instead.  The full tier, every
+    --full-interval, after a domain's lifecycle event (that domain alone) and
+    for live requests: one bulk call with every group.  Values a tier does not
+    read are carried from the domain's newest full record.
+
+    Pacing rule, per tier: a sample starts --interval after the previous one
+    started, a full one --full-interval after the previous full one, and never
+    sooner than the previous call of the same tier took after it ended, so the
+    agent keeps libvirtd busy at most half of the time however slow libvirt
+    gets.  A live request can end the wait early, never that rest.  While
+    libvirt is unreachable it retries after 1, 2, 4 ... 30 seconds.
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
-                 down_seconds=600, timeout=5.0):
+                 down_seconds=600, timeout=5.0, full_interval=None, source="auto"):
         self.hypervisor = hypervisor
         self.timeout = timeout              # --libvirt-timeout
         self.stuck = 0                      # abandoned libvirt calls still running
@@ -538,22 +956,34 @@ class Sampler(object):
         self.last_answer = time.monotonic() # when a libvirt call last returned
         self.call_lock = threading.Lock()
         self.complete = {}                  # uuid -> (last complete stats, when, key count)
+        self.full_records = {}              # uuid -> (the newest full record, when read)
         self.keep_plans = {}                # a stats dict's keys -> the keys worth keeping
         self.table = table
         self.groups = groups
+        # The groups holding the fast tier's values, for domains read through libvirt.
+        self.fast_mask = group_mask(FAST_GROUPS) & groups if groups else 0
+        self.state_mask = group_mask(("state",))
         self.flags = libvirt_constant("VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT")
         self.interval = interval
+        self.full_interval = max(full_interval or interval, interval)
+        self.kernel = KernelTier(self.full_interval) if source == "auto" else None
         self.down_seconds = down_seconds
         self.history = History(table, history_seconds, interval)
         self.specs = SpecCache()
-        self.latest = Sample(0, 0.0, 0.0, [])
+        self.latest = self.latest_full = Sample(0, 0.0, 0.0, [])
         self.gone = {}                      # uuid -> (name, vanished at)
         self.samples_total = 0
-        self.busy_seconds = 0.0             # time spent in getAllDomainStats
+        self.full_samples_total = 0
+        self.busy_seconds = 0.0             # time spent in libvirt's stats calls
+        self.durations = {"fast": 0.0, "full": 0.0}     # of the latest sample of each tier
         self.errors_total = 0
         self.calls_total = 0
         self.backoff = 0
-        self.sampling = False
+        self.sampling = self.sampling_full = False
+        self.live_wanted = self.full_wanted = False
+        self.refresh = set()                # uuids with a lifecycle event since the last round
+        self.last_full_began = None         # monotonic start of the latest full sample
+        self.full_not_before = 0.0          # the full tier's rest
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
@@ -561,25 +991,93 @@ class Sampler(object):
         self.thread = None
 
     # -- one sample --------------------------------------------------------
-    def sample(self):
+    def sample(self, full=True):
         """Take one sample; returns it, or raises libvirtError or Stuck."""
         conn = self.bounded(self.hypervisor.connection)
-        records, started, duration = self.stats_call(conn)
-        self.busy_seconds += duration
-        self.hypervisor.answered()
-        domains, handles = [], {}
+        if self.kernel is not None and conn is not self.kernel.conn:
+            self.kernel.attach(conn, self.bounded(local_qemu, conn))
+        kernel = self.kernel is not None and self.kernel.reason is None
+        groups = self.groups if full else (self.state_mask if kernel else self.fast_mask)
+        records, started, duration = self.stats_call(conn.getAllDomainStats, groups, self.flags)
+        refresh, self.refresh = self.refresh, set()
+        fulls = set(dom.UUIDString() for dom, _ in records) if full else set()
+        if refresh and not full:
+            doms = [dom for dom, _ in records if dom.UUIDString() in refresh]
+            if doms:
+                extra, _, spent = self.stats_call(conn.domainListGetStats, doms, self.groups, self.flags)
+                duration += spent
+                records = self.replace(records, extra)
+                fulls.update(dom.UUIDString() for dom, _ in extra)
+        if kernel:
+            self.kernel.begin([(dom.UUIDString(), dom.ID()) for dom, stats in records
+                          if stats.get("state.state") not in INACTIVE_STATES])
+        domains, handles, fallback, from_kernel = [], {}, [], 0
         for dom, stats in records:
             uuid = dom.UUIDString()     # local: no call to libvirtd
             handles[uuid] = dom
-            domains.append((uuid, dom.name(), self.fill_in(uuid, self.kept(stats), started)))
+            stats = self.kept(stats)
+            if uuid in fulls:
+                stats = self.fill_in(uuid, stats, started)
+                self.full_records[uuid] = (stats, started)
+            else:
+                stats = self.carried(uuid, stats, started)
+            if kernel and stats.get("state.state") not in INACTIVE_STATES:
+                found = self.kernel.read(uuid, stats, self.specs.peek(uuid))
+                if found is not None:
+                    stats.update(found)
+                    from_kernel += 1
+                elif uuid not in fulls:
+                    fallback.append((len(domains), dom))
+            domains.append((uuid, dom.name(), stats))
+        if fallback:
+            duration += self.read_fallback(conn, domains, fallback)
+        self.busy_seconds += duration
+        self.hypervisor.answered()
         sample = Sample(self.latest.seq + 1, started, duration, domains,
-                        self._track_gone(domains, started))
+                        self._track_gone(domains, started), full, from_kernel)
         self.publish(sample)
         self.specs.request(handles, sample.seq)
         return sample
 
-    def stats_call(self, conn):
-        """getAllDomainStats, tried again at once when it outlives --libvirt-timeout.
+    @staticmethod
+    def replace(records, extra):
+        """records with the domains of extra replaced by extra's records of them."""
+        fresh = dict((dom.UUIDString(), (dom, stats)) for dom, stats in extra)
+        return [fresh.get(dom.UUIDString(), (dom, stats)) for dom, stats in records]
+
+    def read_fallback(self, conn, domains, fallback):
+        """The fast tier's values through libvirt for the domains the kernel could
+        not read; returns the call's duration."""
+        records, _, spent = self.stats_call(conn.domainListGetStats, [dom for _, dom in fallback],
+                                            self.fast_mask, self.flags)
+        where = dict((dom.UUIDString(), i) for i, dom in fallback)
+        for dom, stats in records:
+            i = where.get(dom.UUIDString())
+            if i is not None:
+                domains[i][2].update(self.kept(stats))
+        return spent
+
+    def carried(self, uuid, stats, now):
+        """A fast record: the fast tier's values over the domain's newest full record,
+        whose age its stats_age tells.
+
+        A domain that has none yet, or whose state changed since, gets a full
+        read next round; a stopped one carries nothing meanwhile (it has no
+        counters)."""
+        base, read_at = self.full_records.get(uuid, (None, 0))
+        if base is None or base.get("state.state") != stats.get("state.state"):
+            self.refresh.add(uuid)
+            if base is None or stats.get("state.state") in INACTIVE_STATES:
+                stats["vadvisor.stale"] = 0
+                stats["vadvisor.stats_age"] = 0
+                return stats
+        merged = dict(base)
+        merged.update(stats)
+        merged["vadvisor.stats_age"] = base["vadvisor.stats_age"] + max(0.0, now - read_at)
+        return merged
+
+    def stats_call(self, call, *args):
+        """A libvirt stats call, tried again at once when it outlives --libvirt-timeout.
 
         A call stuck on a hung guest holds that guest's job; the second call's
         NOWAIT flag makes libvirt skip that guest and answer for the others.
@@ -591,7 +1089,7 @@ class Sampler(object):
             self.calls_total += 1
             started, clock = time.time(), time.monotonic()
             try:
-                records = self.bounded(conn.getAllDomainStats, self.groups, self.flags)
+                records = self.bounded(call, *args)
                 return records, started, time.monotonic() - clock
             except Stuck:
                 if attempt == 2:
@@ -670,8 +1168,12 @@ class Sampler(object):
 
         Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
-        for uuid in [u for u in self.complete if u not in present]:
-            del self.complete[uuid]
+        for kept in (self.complete, self.full_records):
+            for uuid in [u for u in kept if u not in present]:
+                del kept[uuid]
+        if self.kernel is not None:
+            self.kernel.keep_only(set(uuid for uuid, _, stats in domains
+                                      if stats.get("state.state") not in INACTIVE_STATES))
         for uuid, name, _ in self.latest.domains:
             if uuid not in present:
                 self.gone[uuid] = (name, now)
@@ -685,10 +1187,14 @@ class Sampler(object):
         with self.new_sample:
             self.latest = sample
             self.samples_total += 1
+            self.durations["full" if sample.full else "fast"] = sample.duration
+            if sample.full:
+                self.latest_full = sample
+                self.full_samples_total += 1
             self.new_sample.notify_all()
 
     def fresh_sample(self, timeout, started_after=False):
-        """A sample that completes after this call: concurrent callers share one.
+        """A full sample that completes after this call: concurrent callers share one.
 
         With started_after, one that also started after it (a sample already
         under way may predate what the caller looks for, a new domain).
@@ -699,13 +1205,15 @@ class Sampler(object):
         if self.hypervisor.up is False:
             return None
         with self.new_sample:
-            wanted = self.latest.seq + (2 if started_after and self.sampling else 1)
-            if started_after or not self.sampling:  # else the one under way will do
+            under_way = self.sampling and self.sampling_full and not started_after
+            wanted = self.latest.seq + (2 if self.sampling and not under_way else 1)
+            if not under_way:
+                self.live_wanted = True
                 self.wakeup.set()
             self.new_sample.wait_for(
-                lambda: self.latest.seq >= wanted or self.hypervisor.up is False, timeout)
-            if self.latest.seq >= wanted:
-                return self.latest
+                lambda: self.latest_full.seq >= wanted or self.hypervisor.up is False, timeout)
+            if self.latest_full.seq >= wanted:
+                return self.latest_full
         return None
 
     # -- the loop ------------------------------------------------------------
@@ -720,14 +1228,28 @@ class Sampler(object):
     def run(self):
         while not self.stopping.is_set():
             began = time.monotonic()
-            rest = self.round()
+            rest = self.round(self.full_due(began))
             ended = time.monotonic()
-            if self.pause(max(self.interval - (ended - began), rest)):
-                # Woken by a live request: keep the rest, and gather the
-                # burst it may belong to so that the burst shares one call.
-                remaining = rest - (time.monotonic() - ended)
-                self.beating_wait(self.stopping, max(remaining, LIVE_GATHER_SECONDS))
+            next_at = max(began + self.interval, ended + rest)
+            if self.full_scheduled(next_at):
+                next_at = max(next_at, self.full_not_before)
+            if self.pause(next_at - time.monotonic()):
+                # Woken by a live request, which wants a full sample: keep the
+                # rests, and gather the burst it may belong to so that the
+                # burst shares one call.
+                wait = max(ended + rest, self.full_not_before) - time.monotonic()
+                self.beating_wait(self.stopping, max(wait, LIVE_GATHER_SECONDS))
             self.wakeup.clear()
+
+    def full_scheduled(self, when):
+        """True when a full sample is due by --full-interval at monotonic time when
+        (half an --interval early: samples start on --interval's beat)."""
+        return (self.last_full_began is None
+                or when - self.last_full_began >= self.full_interval - self.interval / 2)
+
+    def full_due(self, now):
+        wanted = self.live_wanted or self.full_wanted or self.full_scheduled(now)
+        return wanted and now >= self.full_not_before
 
     def pause(self, seconds):
         """Waits until a live request (True) or the end of the pause (False)."""
@@ -751,14 +1273,22 @@ class Sampler(object):
             if event.wait(min(left, 0.2)):
                 return True
 
-    def round(self):
-        """One sample; returns the minimum rest before the next one (the pacing rule)."""
+    def round(self, full):
+        """One sample; returns the minimum rest before the next fast one (the
+        pacing rule; a full sample's own rest is kept in full_not_before)."""
+        began = time.monotonic()
         with self.new_sample:
-            self.sampling = True
+            self.sampling, self.sampling_full = True, full
+            if full:
+                self.live_wanted = self.full_wanted = False
         try:
-            sample = self.sample()
+            sample = self.sample(full)
             self.backoff = 0
-            return REST_FACTOR * sample.duration
+            if not full:
+                return REST_FACTOR * sample.duration
+            self.last_full_began = began
+            self.full_not_before = time.monotonic() + REST_FACTOR * sample.duration
+            return 0.0
         except (libvirt.libvirtError, Stuck) as exc:
             self.errors_total += 1
             if isinstance(exc, Stuck):
@@ -767,6 +1297,7 @@ class Sampler(object):
                 self.hypervisor.not_answering(str(exc))
             else:
                 self.hypervisor.drop(str(exc))      # reopened on the next try
+            self.full_wanted = True     # what was carried may be out of date
             self.backoff = min(30, max(1, self.backoff * 2))
             return self.backoff
         except Exception as exc:  # never let the sampler thread die
@@ -842,7 +1373,8 @@ METRICS = (
     R("vadvisor.stale", "vm_stats_stale", GAUGE, 1, (), "stale",
       "1 while libvirt cannot read the domain's statistics (a hung guest) and the last ones are shown."),
     R("vadvisor.stats_age", "vm_stats_age_seconds", GAUGE, 1, (), "stats_age",
-      "Age of the domain's newest complete statistics when the sample was taken (0: read now)."),
+      "Age of the domain's full-tier statistics (disks, balloon, vCPU states) when the sample "
+      "was taken: 0 in a full sample, up to --full-interval in between, growing while stale."),
     # -- CPU -----------------------------------------------------------------
     R("cpu.time", "vm_cpu_seconds_total", COUNTER, NS, (), "cpu.usage.cpu_time",
       "CPU time used by the domain (guest and emulator), in seconds.", MS),
@@ -1744,16 +2276,24 @@ class Agent(object):
             ("vadvisor_domains", GAUGE, "Domains in the latest sample.",
              [((), len(sample.domains))]),
             ("vadvisor_collect_duration_seconds", GAUGE,
-             "Duration of the latest getAllDomainStats call.", [((), sample.duration)]),
+             "Duration of the libvirt calls of the latest sample of each tier (fast, full).",
+             [((("tier", tier),), s.durations[tier]) for tier in ("fast", "full")]),
             ("vadvisor_last_sample_timestamp_seconds", GAUGE,
              "When the latest sample was taken, Unix time (0: none yet).", [((), sample.time)]),
             ("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
              [((), now - sample.time if sample.time else -1.0)]),
-            ("vadvisor_samples_total", COUNTER, "Samples taken.", [((), s.samples_total)]),
+            ("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
+             [((), s.samples_total)]),
+            ("vadvisor_full_samples_total", COUNTER,
+             "Full samples taken: libvirt read every stat group.", [((), s.full_samples_total)]),
+            ("vadvisor_kernel_domains", GAUGE,
+             "Domains whose fast-tier values the latest sample read from the host kernel.",
+             [((), sample.kernel_domains)]),
             ("vadvisor_collect_seconds_total", COUNTER,
-             "Time spent in getAllDomainStats: its rate is the share of time libvirt is kept busy.",
+             "Time spent in libvirt's stats calls: its rate is the share of time libvirt is kept busy.",
              [((), s.busy_seconds)]),
-            ("vadvisor_libvirt_calls_total", COUNTER, "getAllDomainStats calls made.",
+            ("vadvisor_libvirt_calls_total", COUNTER,
+             "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
              [((), s.calls_total)]),
             ("vadvisor_sample_errors_total", COUNTER,
              "Samples that failed: a libvirt error or no answer.", [((), s.errors_total)]),
@@ -1812,6 +2352,18 @@ class Agent(object):
         return "%d domains, last sample %s ago, libvirt %s" % (
             len(sample.domains), age, "connected" if self.hypervisor.up else "unreachable")
 
+    def source(self, sample):
+        """Where the fast tier's values come from, for /healthz."""
+        kernel = self.sampler.kernel
+        active = sum(1 for _, _, stats in sample.domains
+                     if stats.get("state.state") not in INACTIVE_STATES)
+        return {"configured": self.args.source,
+                "kernel_domains": sample.kernel_domains,
+                "libvirt_domains": active - sample.kernel_domains,
+                "kernel_unavailable": kernel.reason if kernel is not None else "--source libvirt",
+                "interval_seconds": self.args.interval,
+                "full_interval_seconds": self.sampler.full_interval}
+
     def health(self):
         sample = self.sampler.latest
         age = time.time() - sample.time if sample.time else None
@@ -1824,6 +2376,7 @@ class Agent(object):
                         "error": None if self.hypervisor.up else self.hypervisor.error},
             "sample_age_seconds": None if age is None else round(age, 3),
             "sample_duration_seconds": round(sample.duration, 6),
+            "source": self.source(sample),
             "domains": len(sample.domains),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
@@ -2445,7 +2998,14 @@ def parse_args(argv=None):
     p.add_argument("--port", type=port_number, default=8181,
                    help="HTTP port (default: %(default)s)")
     p.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS",
-                   help="sampling period (default: %(default)s)")
+                   help="sampling period of the fast tier: state, CPU, vCPU, memory RSS and "
+                        "network (default: %(default)s)")
+    p.add_argument("--full-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                   help="period of the full libvirt sample, every group; at least --interval "
+                        "(default: %(default)s)")
+    p.add_argument("--source", choices=SOURCES, default="auto",
+                   help="where the fast tier reads from: auto, the host kernel where it can; "
+                        "libvirt, libvirt only (default: %(default)s)")
     p.add_argument("--history", type=positive_float, default=60.0, metavar="SECONDS",
                    help="how long the JSON API keeps samples (default: %(default)s)")
     p.add_argument("--down-minutes", type=non_negative_float, default=10.0, metavar="M",
@@ -2548,6 +3108,19 @@ def collect_groups(text):
     return tuple(groups)
 
 
+def allow_open_files():
+    """Raise the soft limit of open files to the hard one (at most 65,536): the
+    kernel tier keeps a few files open per running domain, besides the
+    connections, and 1,024 is a common soft limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("open file limit unchanged: %s", exc)
+
+
 def setup_logging(verbose):
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -2557,7 +3130,7 @@ def setup_logging(verbose):
 def run_once(args, table):
     hypervisor = Hypervisor(args.connect)
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
-                      timeout=args.libvirt_timeout)
+                      timeout=args.libvirt_timeout, source="libvirt")
     try:
         sample = sampler.sample()
     except (libvirt.libvirtError, Stuck) as exc:
@@ -2620,16 +3193,19 @@ def main(argv=None):
     if args.once:
         return run_once(args, table)
 
+    allow_open_files()
     start_event_loop()
     hub = EventHub(args.event_history, args.event_max_age, args.max_streams)
 
     def on_lifecycle(name, uuid, event, detail):
         hub.publish(name, uuid, event, detail)
         sampler.specs.mark(uuid)    # its XML may have changed
+        sampler.refresh.add(uuid)   # and its devices: a full read next round
 
     hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
-                      args.history, args.down_minutes * 60, timeout=args.libvirt_timeout)
+                      args.history, args.down_minutes * 60, timeout=args.libvirt_timeout,
+                      full_interval=args.full_interval, source=args.source)
     statsd = None
     if args.statsd_host:
         statsd = StatsdEmitter(sampler, args.statsd_host, args.statsd_port, args.statsd_interval,
