@@ -21,6 +21,7 @@ import collections
 import datetime
 import getpass
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -89,6 +90,65 @@ EVENT_TYPES = (
 )
 EVENT_TYPE_NAMES = tuple(name for name, _ in EVENT_TYPES)
 
+# Every other domain event kind: (the binding's VIR_DOMAIN_EVENT_ID_ suffix,
+# event_type, the names of the callback's arguments between the domain and the
+# opaque value).  Argument values that are enum codes become names by
+# EVENT_ENUMS; an unknown code stays a number.
+DOMAIN_EVENTS = (
+    ("REBOOT", "Reboot", ()),
+    ("RTC_CHANGE", "RTCChange", ("utcoffset",)),
+    ("WATCHDOG", "Watchdog", ("action",)),
+    ("IO_ERROR_REASON", "IOError", ("path", "device", "action", "reason")),
+    ("GRAPHICS", "Graphics", ("phase", "local", "remote", "auth_scheme", "subject")),
+    ("CONTROL_ERROR", "ControlError", ()),
+    ("BLOCK_JOB_2", "BlockJob", ("disk", "type", "status")),
+    ("DISK_CHANGE", "DiskChange", ("old_source", "new_source", "device", "reason")),
+    ("TRAY_CHANGE", "TrayChange", ("device", "reason")),
+    ("PMWAKEUP", "PMWakeup", ("reason",)),
+    ("PMSUSPEND", "PMSuspend", ("reason",)),
+    ("BALLOON_CHANGE", "BalloonChange", ("actual",)),
+    ("PMSUSPEND_DISK", "PMSuspendDisk", ("reason",)),
+    ("DEVICE_REMOVED", "DeviceRemoved", ("device",)),
+    ("TUNABLE", "Tunable", ("params",)),
+    ("AGENT_LIFECYCLE", "AgentLifecycle", ("state", "reason")),
+    ("DEVICE_ADDED", "DeviceAdded", ("device",)),
+    ("MIGRATION_ITERATION", "MigrationIteration", ("iteration",)),
+    ("JOB_COMPLETED", "JobCompleted", ("params",)),
+    ("DEVICE_REMOVAL_FAILED", "DeviceRemovalFailed", ("device",)),
+    ("METADATA_CHANGE", "MetadataChange", ("type", "nsuri")),
+    ("BLOCK_THRESHOLD", "BlockThreshold", ("device", "path", "threshold", "excess")),
+    ("MEMORY_FAILURE", "MemoryFailure", ("recipient", "action", "flags")),
+    ("MEMORY_DEVICE_SIZE_CHANGE", "MemoryDeviceSizeChange", ("alias", "size")),
+)
+# Kinds libvirt delivers together with a newer kind for the same occurrence
+# (IO_ERROR with IO_ERROR_REASON, BLOCK_JOB with BLOCK_JOB_2): registered, but
+# recorded once, as the newer kind.
+SUPERSEDED_EVENTS = ("IO_ERROR", "BLOCK_JOB")
+# (event_type, argument) -> names of its codes, in libvirt's enum order.
+EVENT_ENUMS = {
+    ("Watchdog", "action"): ("none", "pause", "reset", "poweroff", "shutdown", "debug",
+                             "inject-nmi"),
+    ("IOError", "action"): ("none", "pause", "report"),
+    ("Graphics", "phase"): ("connect", "initialize", "disconnect"),
+    ("BlockJob", "type"): ("unknown", "pull", "copy", "commit", "active-commit", "backup"),
+    ("BlockJob", "status"): ("completed", "failed", "canceled", "ready"),
+    ("DiskChange", "reason"): ("missing-on-start", "drop-missing-on-start"),
+    ("TrayChange", "reason"): ("open", "close"),
+    ("AgentLifecycle", "state"): (None, "connected", "disconnected"),
+    ("AgentLifecycle", "reason"): ("unknown", "domain-started", "channel"),
+    ("MetadataChange", "type"): ("description", "title", "element"),
+    ("MemoryFailure", "recipient"): ("hypervisor", "guest"),
+    ("MemoryFailure", "action"): ("ignore", "inject", "fatal", "reset"),
+}
+# The detail argument that becomes the event's "reason" (lifecycle events have one too).
+EVENT_REASONS = {"Watchdog": "action", "IOError": "reason", "BlockJob": "status",
+                 "DiskChange": "reason", "TrayChange": "reason", "AgentLifecycle": "state",
+                 "Graphics": "phase", "MemoryFailure": "action"}
+ALL_EVENT_TYPES = EVENT_TYPE_NAMES + tuple(t for _, t, _ in DOMAIN_EVENTS)
+# Events after which a domain's XML is read again (besides lifecycle events).
+XML_CHANGE_EVENTS = ("MetadataChange", "DeviceAdded", "DeviceRemoved")
+
+
 NUMBER_TYPES = (int, float, bool)
 REST_FACTOR = 1             # rest at least this many times a sample's duration
 LIVE_GATHER_SECONDS = 0.05      # live requests this close together share one libvirt call
@@ -126,6 +186,38 @@ def event_names(event, detail):
     return "Unknown", "Unknown"
 
 
+def json_safe(value):
+    """A callback argument as JSON can hold it: typed parameters, addresses and
+    subjects are dicts and lists; anything else odd becomes its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return dict((str(k), json_safe(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return str(value)
+
+
+def event_details(event_type, names, args):
+    """(reason, details) of a callback's arguments; an unexpected shape is kept
+    whole under "arguments" and logged, never dropped."""
+    if len(args) != len(names):
+        log.warning("%s event with %d arguments, %d expected: recorded as they came",
+                    event_type, len(args), len(names))
+        return "", {"arguments": json_safe(list(args))}
+    details = {}
+    for name, value in zip(names, args):
+        codes = EVENT_ENUMS.get((event_type, name))
+        if codes is not None and isinstance(value, int) and 0 <= value < len(codes) \
+                and codes[value] is not None:
+            value = codes[value]
+        details[name] = json_safe(value)
+    if names == ("params",):        # typed parameters: their own keys
+        details = details["params"] if isinstance(details["params"], dict) else details
+    reason = details.get(EVENT_REASONS.get(event_type), "")
+    return (reason if isinstance(reason, str) else str(reason)), details
+
+
 def rfc3339(timestamp):
     """UTC time as RFC 3339 with milliseconds and a 'Z'."""
     return rfc3339_ms(int(timestamp * 1000))
@@ -145,8 +237,12 @@ def escape_controls(text):
 def libvirt_version_string():
     if libvirt is None:
         return "none"
-    v = libvirt.getVersion()
-    return "%d.%d.%d" % (v // 1000000, v // 1000 % 1000, v % 1000)
+    return version_string(libvirt.getVersion())
+
+
+def thread_cpu():
+    """CPU seconds the calling thread has used (time.thread_time is 3.7+)."""
+    return time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID)
 
 
 def libvirt_constant(name):
@@ -184,6 +280,25 @@ def start_event_loop():
     return thread
 
 
+def describe(conn):
+    """((label, value), ...) of the daemon's side for vadvisor_libvirt_info."""
+    found = []
+    for label, call, version in (("driver", conn.getType, False),
+                                 ("libvirtd_version", conn.getLibVersion, True),
+                                 ("hypervisor_version", conn.getVersion, True),
+                                 ("hostname", conn.getHostname, False)):
+        try:
+            value = call()
+            found.append((label, version_string(value) if version else value))
+        except libvirt.libvirtError:
+            found.append((label, ""))
+    return tuple(found)
+
+
+def version_string(number):
+    return "%d.%d.%d" % (number // 1000000, number // 1000 % 1000, number % 1000)
+
+
 def quietly(call, *args):
     """A libvirt call whose failure changes nothing (cleanup of a dead connection)."""
     try:
@@ -209,6 +324,9 @@ class Hypervisor(object):
         self.broken = False
         self.error = "not connected yet"
         self.up = None          # unknown until the first attempt, so that one is logged
+        self.on_event = None    # called with (name, uuid, event_type, reason, details)
+        self.event_ids = []     # callback ids of the other event kinds
+        self.info = ()          # ((label, value), ...) of the daemon, read at connection
 
     def connection(self):
         """The open connection, opening it if needed; raises libvirtError."""
@@ -218,6 +336,7 @@ class Hypervisor(object):
             self.broken = False
             conn = libvirt.openReadOnly(self.uri)
             self._watch(conn)
+            self.info = describe(conn)
             self.conn = conn
             self._set_state(True, None)
         return self.conn
@@ -236,6 +355,18 @@ class Hypervisor(object):
         if self.on_lifecycle is not None:
             self.callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+        if self.on_event is not None:
+            kinds = [(kind, event_type, names) for kind, event_type, names in DOMAIN_EVENTS]
+            kinds += [(kind, None, ()) for kind in SUPERSEDED_EVENTS]
+            for kind, event_type, names in kinds:
+                event_id = getattr(libvirt, "VIR_DOMAIN_EVENT_ID_" + kind, None)
+                if event_id is None:
+                    continue    # an older binding
+                try:
+                    self.event_ids.append(conn.domainEventRegisterAny(
+                        None, event_id, self._callback(event_type, names), None))
+                except libvirt.libvirtError as exc:
+                    log.warning("cannot watch %s events: %s", kind, exc)
 
     def _closed(self, _conn, _reason, _opaque):
         self.broken = True
@@ -247,6 +378,20 @@ class Hypervisor(object):
             self.on_lifecycle(dom.name(), dom.UUIDString(), event, detail)
         except Exception as exc:
             log.warning("lifecycle event dropped: %s", exc)
+
+    def _callback(self, event_type, names):
+        """The callback of one event kind: its arguments between the domain and the
+        opaque value become the event's details.  Runs on the event-loop thread
+        and makes no call to libvirtd (name() and UUIDString() are local)."""
+        def deliver(_conn, dom, *args):
+            if event_type is None:
+                return      # superseded: the newer kind records the same occurrence
+            try:
+                reason, details = event_details(event_type, names, args[:-1])
+                self.on_event(dom.name(), dom.UUIDString(), event_type, reason, details)
+            except Exception as exc:
+                log.warning("%s event dropped: %s", event_type, exc)
+        return deliver
 
     def answered(self):
         """A call succeeded: the connection is up, whatever it was before."""
@@ -261,6 +406,9 @@ class Hypervisor(object):
         if conn is not None:
             if self.callback_id is not None:
                 quietly(conn.domainEventDeregisterAny, self.callback_id)
+            for callback_id in self.event_ids:
+                quietly(conn.domainEventDeregisterAny, callback_id)
+            self.event_ids = []
             if self.events:
                 quietly(conn.unregisterCloseCallback)
             quietly(conn.close)
@@ -572,7 +720,7 @@ class KernelTier(object):
         self.conn = conn
         if reason != self.reason:
             if reason:
-                log.warning("statistics come from libvirt only: %s", reason)
+                log.info("statistics come from libvirt only: %s", reason)
             else:
                 log.info("CPU, vCPU, memory and network statistics come from the host kernel")
         self.reason = reason
@@ -852,8 +1000,12 @@ class SpecCache(object):
     guest, so a hung guest does not hold it up.
     """
 
-    def __init__(self):
+    def __init__(self, metadata_labels=()):
         self.specs = {}         # uuid -> spec
+        self.infos = {}         # uuid -> (name, domain_info())
+        self.metadata_labels = metadata_labels
+        self.version = 0        # changes whenever an info label does
+        self.info_texts = {}    # (version, openmetrics) -> render_info() text
         self.dirty = set()      # uuids to fetch again
         self.lock = threading.Lock()
         self.seq = 0            # the sample the specs were last refreshed for
@@ -886,6 +1038,16 @@ class SpecCache(object):
         with self.lock:
             self.dirty.add(uuid)
 
+    def info_text(self, openmetrics=False):
+        """The info families of every domain, rendered once per change."""
+        with self.lock:
+            key = (self.version, openmetrics)
+            text = self.info_texts.get(key)
+            if text is None:
+                text = self.info_texts[key] = render_info(self.infos, self.metadata_labels,
+                                                          openmetrics)
+            return text
+
     def peek(self, uuid):
         """The spec of a uuid as it is now, without waiting (the sampler's use)."""
         return self.specs.get(uuid)
@@ -895,10 +1057,13 @@ class SpecCache(object):
         with self.lock:
             wanted = [u for u in domains if u not in self.specs or u in self.dirty]
             self.dirty.difference_update(wanted)
-        fetched = {}
+        fetched, infos = {}, {}
         for uuid in wanted:
             try:
-                fetched[uuid] = domain_spec(domains[uuid].XMLDesc(0))
+                root = ElementTree.fromstring(domains[uuid].XMLDesc(0))
+                fetched[uuid] = element_json(root)
+                infos[uuid] = (element_text(root, "name") or "",
+                               domain_info(root, self.metadata_labels))
             except libvirt.libvirtError as exc:
                 log.debug("spec of %s not read: %s", uuid, exc)
                 self.mark(uuid)   # try again next round
@@ -906,8 +1071,15 @@ class SpecCache(object):
                 log.warning("spec of %s is not valid XML: %s", uuid, exc)
         with self.lock:
             self.specs.update(fetched)
-            for uuid in [u for u in self.specs if u not in domains]:
-                del self.specs[uuid]
+            changed = any(self.infos.get(u) != i for u, i in infos.items())
+            self.infos.update(infos)
+            for table in (self.specs, self.infos):
+                for uuid in [u for u in table if u not in domains]:
+                    del table[uuid]
+                    changed = True
+            if changed:
+                self.version += 1
+                self.info_texts = {}
             self.seq = seq
             self.updated.notify_all()
 
@@ -948,7 +1120,8 @@ class Sampler(object):
     """
 
     def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
-                 down_seconds=600, timeout=5.0, full_interval=None, source="auto"):
+                 down_seconds=600, timeout=5.0, full_interval=None, source="auto",
+                 metadata_labels=()):
         self.hypervisor = hypervisor
         self.timeout = timeout              # --libvirt-timeout
         self.stuck = 0                      # abandoned libvirt calls still running
@@ -969,13 +1142,14 @@ class Sampler(object):
         self.kernel = KernelTier(self.full_interval) if source == "auto" else None
         self.down_seconds = down_seconds
         self.history = History(table, history_seconds, interval)
-        self.specs = SpecCache()
+        self.specs = SpecCache(metadata_labels)
         self.latest = self.latest_full = Sample(0, 0.0, 0.0, [])
         self.gone = {}                      # uuid -> (name, vanished at)
         self.samples_total = 0
         self.full_samples_total = 0
         self.busy_seconds = 0.0             # time spent in libvirt's stats calls
         self.durations = {"fast": 0.0, "full": 0.0}     # of the latest sample of each tier
+        self.cpu_seconds = {"fast": 0.0, "full": 0.0}   # the sampler thread's, per tier
         self.errors_total = 0
         self.calls_total = 0
         self.backoff = 0
@@ -1281,8 +1455,10 @@ class Sampler(object):
             self.sampling, self.sampling_full = True, full
             if full:
                 self.live_wanted = self.full_wanted = False
+        cpu = thread_cpu()
         try:
             sample = self.sample(full)
+            self.cpu_seconds["full" if full else "fast"] += thread_cpu() - cpu
             self.backoff = 0
             if not full:
                 return REST_FACTOR * sample.duration
@@ -1873,6 +2049,179 @@ def element_json(elem):
     return obj
 
 
+# -- info labels from the domain XML -----------------------------------------------
+#
+# Gauges of value 1 whose labels say what a domain is and whose it is, joined
+# in PromQL with `* on(uuid) group_left(...)`.  They come from the XML the spec
+# thread reads anyway: no libvirt call per sample.  Every value is the user's
+# (domain XML, metadata): escaped, and cut at LABEL_VALUE_LIMIT characters.
+
+NOVA_NAMESPACES = tuple("http://openstack.org/xmlns/libvirt/nova/%s" % v
+                        for v in ("1.0", "1.1", "1.2"))
+LABEL_VALUE_LIMIT = 1024
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# (family, help, labels after uuid and name)
+INFO_FAMILIES = (
+    ("vm_info", "The domain's type, OS type, architecture, machine and title (value 1).",
+     ("type", "os_type", "arch", "machine", "title")),
+    ("vm_openstack_info", "The OpenStack instance a domain is, from nova's metadata (value 1).",
+     ("instance_name", "project_id", "project_name", "user_id", "user_name", "flavor",
+      "root_type", "root_id")),
+    ("vm_metadata_info", "Values picked from the domain's metadata by --metadata-label (value 1).",
+     ()),
+    ("vm_disk_info", "A disk of the domain: its source, bus, format and cache (value 1).",
+     ("device", "type", "source", "bus", "driver_type", "cache", "serial", "readonly")),
+    ("vm_network_info", "A NIC of the domain: its MAC, type, source and model (value 1).",
+     ("interface", "mac", "type", "source", "model", "mtu", "interfaceid")),
+)
+
+
+def label_value(text):
+    """A label value from user-controlled XML: text, at most LABEL_VALUE_LIMIT characters
+    (a longer one ends with a visible '…')."""
+    text = "" if text is None else str(text).strip()
+    if len(text) > LABEL_VALUE_LIMIT:
+        text = text[:LABEL_VALUE_LIMIT - 1] + "\u2026"
+    return text
+
+
+def attribute(root, path, name):
+    found = root.find(path) if path else root
+    return found.get(name) if found is not None else None
+
+
+def element_text(root, path):
+    found = root.find(path)
+    return found.text if found is not None else None
+
+
+def disk_source(disk):
+    """A disk's source as one string: a file, a device, pool/volume or protocol://host/name."""
+    source = disk.find("source")
+    if source is None:
+        return ""       # a CD-ROM without media
+    kind = disk.get("type")
+    if kind == "network":
+        host = source.find("host")
+        where = ""
+        if host is not None:
+            where = host.get("name") or host.get("socket") or ""
+            if host.get("port"):
+                where += ":" + host.get("port")
+        return "%s://%s/%s" % (source.get("protocol", ""), where, source.get("name", ""))
+    if kind == "volume":
+        return "%s/%s" % (source.get("pool", ""), source.get("volume", ""))
+    for name in ("file", "dev", "dir", "name"):
+        if source.get(name):
+            return source.get(name)
+    return ""
+
+
+def nic_source(nic):
+    """A NIC's source: its bridge, network or device (a PCI address for hostdev)."""
+    source = nic.find("source")
+    if source is None:
+        return ""
+    for name in ("bridge", "network", "dev", "path"):
+        if source.get(name):
+            return source.get(name)
+    address = source.find("address")
+    if address is not None and address.get("bus"):
+        return "%s:%s:%s.%s" % tuple(address.get(k, "0x0")[2:].rjust(w, "0") for k, w in (
+            ("domain", 4), ("bus", 2), ("slot", 2), ("function", 1)))
+    return ""
+
+
+def domain_info(root, metadata_labels=()):
+    """{family: [(label value, ...), ...]} of a domain's XML, labels as INFO_FAMILIES
+    names them (vm_metadata_info: as --metadata-label does)."""
+    info = {"vm_info": [(root.get("type"), element_text(root, "os/type"),
+                         attribute(root, "os/type", "arch"), attribute(root, "os/type", "machine"),
+                         element_text(root, "title"))]}
+    for ns in NOVA_NAMESPACES:
+        nova = root.find("metadata/{%s}instance" % ns)
+        if nova is not None:
+            n = "{%s}" % ns
+            info["vm_openstack_info"] = [(
+                element_text(nova, n + "name"),
+                attribute(nova, n + "owner/" + n + "project", "uuid"),
+                element_text(nova, n + "owner/" + n + "project"),
+                attribute(nova, n + "owner/" + n + "user", "uuid"),
+                element_text(nova, n + "owner/" + n + "user"),
+                attribute(nova, n + "flavor", "name"),
+                attribute(nova, n + "root", "type"), attribute(nova, n + "root", "uuid"))]
+            break
+    metadata = root.find("metadata")
+    if metadata_labels and metadata is not None:
+        picked = tuple(pick(metadata, path) for _, path in metadata_labels)
+        if any(picked):
+            info["vm_metadata_info"] = [picked]
+    info["vm_disk_info"] = [(
+        attribute(disk, "target", "dev"), disk.get("type"), disk_source(disk),
+        attribute(disk, "target", "bus"), attribute(disk, "driver", "type"),
+        attribute(disk, "driver", "cache"), element_text(disk, "serial"),
+        "true" if disk.find("readonly") is not None else "false")
+        for disk in root.findall("devices/disk")]
+    info["vm_network_info"] = [(
+        attribute(nic, "target", "dev") or attribute(nic, "mac", "address"),
+        attribute(nic, "mac", "address"), nic.get("type"), nic_source(nic),
+        attribute(nic, "model", "type"), attribute(nic, "mtu", "size"),
+        attribute(nic, "virtualport/parameters", "interfaceid"))
+        for nic in root.findall("devices/interface")]
+    return dict((family, [tuple(label_value(v) for v in labels) for labels in rows])
+                for family, rows in info.items())
+
+
+def pick(metadata, path):
+    """The text or attribute PATH (ElementTree syntax, '@name' at the end) finds below <metadata>."""
+    path, _, name = path.partition("@")
+    found = metadata.find(path) if path else metadata
+    if found is None:
+        return None
+    return found.get(name) if name else found.text
+
+
+def metadata_label(text):
+    """--metadata-label LABEL=PATH, checked: (label, path)."""
+    label, sep, path = text.partition("=")
+    if not sep or not LABEL_NAME_RE.match(label) or label.startswith("__") \
+            or label in ("uuid", "name"):
+        raise argparse.ArgumentTypeError(
+            "%r: use LABEL=PATH, LABEL a Prometheus label name other than uuid and name" % text)
+    try:
+        ElementTree.Element("metadata").find(path.partition("@")[0] or ".")
+    except (SyntaxError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise argparse.ArgumentTypeError("%r: PATH is not an ElementTree path (%s)"
+                                         % (text, exc or type(exc).__name__))
+    if not path or path.endswith("@") or path.count("@") > 1:
+        raise argparse.ArgumentTypeError("%r: PATH names nothing" % text)
+    return label, path
+
+
+def render_info(infos, metadata_labels, openmetrics=False):
+    """The info families of every domain: infos maps uuid -> (name, domain_info()).
+
+    One series per label set: two devices alike in every label make one."""
+    parts = []
+    for family, help_text, labels in INFO_FAMILIES:
+        if family == "vm_metadata_info":
+            labels = tuple(label for label, _ in metadata_labels)
+        lines, seen = [], set()
+        for uuid, (name, info) in sorted(infos.items()):
+            head = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
+            for values_ in info.get(family, ()):
+                line = "%s{%s%s} 1\n" % (family, head, "".join(
+                    ',%s="%s"' % (label, escape_label(value))
+                    for label, value in zip(labels, values_)))
+                if line not in seen:
+                    seen.add(line)
+                    lines.append(line)
+        if lines:
+            parts.append(family_header(Family(family, GAUGE, help_text, 0), openmetrics))
+            parts.extend(lines)
+    return "".join(parts)
+
+
 # -- StatsD ----------------------------------------------------------------------
 #
 # Keys: <prefix>.<uuid>.<metric> and <prefix>.<uuid>.<device>.<metric>, where
@@ -2072,21 +2421,55 @@ def render_families(families, openmetrics=False):
 # Event hub: lifecycle history and live streams
 # =============================================================================
 
-EVENT_FILTERS = dict((name.lower() + "_events", name) for name in EVENT_TYPE_NAMES)
+EVENT_FILTERS = dict((name.lower() + "_events", name) for name in ALL_EVENT_TYPES)
+
+
+# Counters of events per domain, for alerting: (family, help, the event type
+# it counts, the details that become labels).  Families without labels are 0
+# for every domain until its first event, so that increase() sees the first.
+EVENT_FAMILIES = (
+    ("vm_events_total", "Domain events received, by type.", None, ("event_type",)),
+    ("vm_io_errors_total", "Disk I/O errors reported by the domain, by device and action.",
+     "IOError", ("device", "action")),
+    ("vm_reboots_total", "Guest reboots (the REBOOT event).", "Reboot", ()),
+    ("vm_watchdog_events_total", "Guest watchdog expiries, by the action taken.", "Watchdog",
+     ("action",)),
+    ("vm_block_threshold_exceeded_total", "Disks that wrote past their write threshold.",
+     "BlockThreshold", ("device",)),
+    ("vm_control_errors_total", "Times the domain's QEMU monitor failed (CONTROL_ERROR).",
+     "ControlError", ()),
+    ("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
+     "MemoryFailure", ("action",)),
+)
+
+
+def event_series(event_type, details):
+    """[(family, ((label, value), ...))] an event adds one to."""
+    found = []
+    for family, _, counted, labels in EVENT_FAMILIES:
+        if counted is None:
+            found.append((family, (("event_type", event_type),)))
+        elif counted == event_type:
+            found.append((family, tuple((l, str(details.get(l, ""))) for l in labels)))
+    return found
 
 
 class Event(object):
-    """A lifecycle event with its JSON line encoded once for every client."""
+    """A domain event with its JSON line encoded once for every client.  Lifecycle
+    events have no details (their JSON is the original vAdvisor's)."""
 
     __slots__ = ("id", "ms", "type", "json")
 
-    def __init__(self, event_id, when, name, uuid, event_type, reason):
+    def __init__(self, event_id, when, name, uuid, event_type, reason, details=None):
         # Time in whole milliseconds, as its timestamp shows it, so that a
         # timestamp read from an event is an exact start_time or end_time bound.
         self.id, self.ms, self.type = event_id, int(when * 1000), event_type
-        self.json = json.dumps(collections.OrderedDict((
-            ("id", event_id), ("domain_name", name), ("domain_id", uuid),
-            ("timestamp", rfc3339_ms(self.ms)), ("event_type", event_type), ("reason", reason))))
+        fields = [("id", event_id), ("domain_name", name), ("domain_id", uuid),
+                  ("timestamp", rfc3339_ms(self.ms)), ("event_type", event_type),
+                  ("reason", reason)]
+        if details is not None:
+            fields.append(("details", details))
+        self.json = json.dumps(collections.OrderedDict(fields))
 
 
 class EventFilter(object):
@@ -2138,37 +2521,67 @@ class EventHub(object):
 
     def __init__(self, max_events=10000, max_age=86400, max_streams=100, queue_limit=1000):
         self.lock = threading.Lock()
-        self.events = collections.deque(maxlen=max_events)
+        # One bounded deque per event type: a chatty kind (a guest's RTC changes,
+        # balloon changes) pushes out only its own history, never lifecycle events.
+        self.max_events = max_events
+        self.kinds = {}         # event_type -> deque of Events, oldest first
         self.max_age = max_age
         self.max_streams = max_streams
         self.queue_limit = queue_limit
         self.subscribers = []
         self.last_id = 0
-        self.counts = dict((name, 0) for name in EVENT_TYPE_NAMES + ("Unknown",))
+        self.counts = dict((name, 0) for name in ALL_EVENT_TYPES + ("Unknown",))
+        self.changed = {}       # uuid -> when its latest lifecycle event came (Unix time)
+        self.tallies = {}       # uuid -> (name, {(family, labels): count}) for vm_*_total
         self.closing = False
 
     def publish(self, name, uuid, event, detail):
+        """A lifecycle event, from its codes."""
         event_type, reason = event_names(event, detail)
+        item = self.record(name, uuid, event_type, reason)
+        with self.lock:
+            cached(self.changed, uuid, lambda: 0.0)     # bounded however domains come and go
+            self.changed[uuid] = item.ms / 1000.0
+
+    def record(self, name, uuid, event_type, reason, details=None):
+        """Any event: kept, counted and offered to every stream."""
         now = time.time()
         with self.lock:
             self.last_id += 1
-            item = Event(self.last_id, now, name, uuid, event_type, reason)
-            self.events.append(item)
+            item = Event(self.last_id, now, name, uuid, event_type, reason, details)
+            kind = self.kinds.get(event_type)
+            if kind is None:
+                kind = self.kinds[event_type] = collections.deque(maxlen=self.max_events)
+            kind.append(item)
             self._expire(now)
-            self.counts[event_type] += 1
+            self.counts[event_type] = self.counts.get(event_type, 0) + 1
+            self._tally(name, uuid, event_type, details or {})
             for subscriber in self.subscribers:
                 subscriber.offer(item)
         log.debug("event %s", item.json)
+        return item
+
+    def _tally(self, name, uuid, event_type, details):
+        counts = cached(self.tallies, uuid, lambda: (name, {}))[1]
+        self.tallies[uuid] = (name, counts)
+        for family, labels in event_series(event_type, details):
+            counts[(family, labels)] = counts.get((family, labels), 0) + 1
 
     def _expire(self, now):
-        while self.events and self.events[0].ms < (now - self.max_age) * 1000:
-            self.events.popleft()
+        horizon = (now - self.max_age) * 1000
+        for kind in self.kinds.values():
+            while kind and kind[0].ms < horizon:
+                kind.popleft()
+
+    def snapshot(self):
+        """Every kept event, oldest first.  Called with the lock held."""
+        return list(heapq.merge(*self.kinds.values(), key=lambda e: e.id))
 
     def history(self, wanted, limit):
         """The oldest `limit` matching events (-1: all), oldest first."""
         with self.lock:
             self._expire(time.time())
-            snapshot = list(self.events)
+            snapshot = self.snapshot()
         found = []
         for item in snapshot:
             if wanted(item):
@@ -2187,7 +2600,7 @@ class EventHub(object):
             if self.closing or len(self.subscribers) >= self.max_streams:
                 return None
             subscription = Subscription(self.lock, wanted, self.queue_limit)
-            backlog = [e for e in self.events if replay(e)] if replay else []
+            backlog = [e for e in self.snapshot() if replay(e)] if replay else []
             self.subscribers.append(subscription)
         return subscription, backlog
 
@@ -2243,13 +2656,19 @@ class Agent(object):
         is one gzip stream for the price of compressing a few lines.
         """
         sample = self.sampler.latest
-        key = (openmetrics, want_gzip)
+        specs = self.sampler.specs
+        key = (openmetrics, want_gzip, specs.version, len(self.hub.changed), self.hub.last_id)
         body = sample.cache.get(key)
         if body is None:
             with self.render_lock:  # concurrent scrapes render a sample once
                 body = sample.cache.get(key)
                 if body is None:
-                    body = self.formatter.render(sample, openmetrics).encode("utf-8")
+                    if len(sample.cache) > 8:   # specs or events changed since it was cached
+                        sample.cache.clear()
+                    body = (self.formatter.render(sample, openmetrics)
+                            + specs.info_text(openmetrics)
+                            + self.state_changes(sample, openmetrics)
+                            + self.event_counters(sample, openmetrics)).encode("utf-8")
                     if want_gzip:
                         compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
                         body = (compressor.compress(body), compressor)
@@ -2264,6 +2683,33 @@ class Agent(object):
         compressor = compressor.copy()
         return head + compressor.compress(tail) + compressor.flush()
 
+    def event_counters(self, sample, openmetrics):
+        """The vm_*_total families of events, for the sample's domains."""
+        with self.hub.lock:
+            tallies = dict((u, dict(c)) for u, (_, c) in self.hub.tallies.items())
+        families = []
+        for family, help_text, _, labels in EVENT_FAMILIES:
+            rows = []
+            for uuid, name, _ in sample.domains:
+                counts = tallies.get(uuid, {})
+                found = [(l, n) for (f, l), n in sorted(counts.items()) if f == family]
+                if not found and not labels:
+                    found = [((), 0)]
+                rows += [((("uuid", uuid), ("name", name)) + l, n) for l, n in found]
+            if rows:
+                families.append((family, COUNTER, help_text, rows))
+        return render_families(families, openmetrics)
+
+    def state_changes(self, sample, openmetrics):
+        """vm_state_changed_timestamp_seconds of the sample's domains that had an event."""
+        changed = self.hub.changed
+        rows = [((("uuid", uuid), ("name", name)), changed[uuid])
+                for uuid, name, _ in sample.domains if uuid in changed]
+        return render_families([(
+            "vm_state_changed_timestamp_seconds", GAUGE,
+            "When the domain's latest lifecycle event arrived, Unix time.", rows)] if rows else (),
+            openmetrics)
+
     def self_metrics(self, sample):
         now = time.time()
         s = self.sampler
@@ -2273,6 +2719,10 @@ class Agent(object):
                 ("libvirt_version", libvirt_version_string())), 1)]),
             ("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
              [((), 1 if self.hypervisor.up else 0)]),
+            ("vadvisor_libvirt_info", GAUGE,
+             "The libvirt daemon's driver, versions and host name, read at connection (value 1).",
+             [(tuple((k, label_value(v)) for k, v in self.hypervisor.info), 1)]
+             if self.hypervisor.info else []),
             ("vadvisor_domains", GAUGE, "Domains in the latest sample.",
              [((), len(sample.domains))]),
             ("vadvisor_collect_duration_seconds", GAUGE,
@@ -2284,6 +2734,10 @@ class Agent(object):
              [((), now - sample.time if sample.time else -1.0)]),
             ("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
              [((), s.samples_total)]),
+            ("vadvisor_sample_cpu_seconds_total", COUNTER,
+             "CPU time the sampler thread spent taking samples, by tier (fast, full): "
+             "kernel reads and records; libvirt's replies are decoded in its call threads.",
+             [((("tier", tier),), s.cpu_seconds[tier]) for tier in ("fast", "full")]),
             ("vadvisor_full_samples_total", COUNTER,
              "Full samples taken: libvirt read every stat group.", [((), s.full_samples_total)]),
             ("vadvisor_kernel_domains", GAUGE,
@@ -2302,7 +2756,7 @@ class Agent(object):
             ("vadvisor_libvirt_stuck_calls", GAUGE,
              "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
              [((), s.stuck)]),
-            ("vadvisor_events_total", COUNTER, "Lifecycle events received, by type.",
+            ("vadvisor_events_total", COUNTER, "Domain events received, by type.",
              [((("event_type", t),), n) for t, n in sorted(self.hub.counts.items())]),
             ("vadvisor_event_streams", GAUGE, "Open event streams.", [((), self.hub.streams())]),
             ("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
@@ -3014,8 +3468,13 @@ def parse_args(argv=None):
                    help="give up waiting for a libvirt call after this long (default: %(default)s)")
     p.add_argument("--collect", type=collect_groups, default=(), metavar="GROUPS",
                    help="extra stat groups, comma-separated: %s, or all" % ",".join(OPTIONAL_GROUPS))
+    p.add_argument("--metadata-label", type=metadata_label, action="append", default=[],
+                   metavar="LABEL=PATH",
+                   help="a vm_metadata_info label from the domain's <metadata>: PATH is an "
+                        "ElementTree path below it ({namespace}tag, optional @attribute at the "
+                        "end); repeatable")
     p.add_argument("--event-history", type=positive_int, default=10000, metavar="N",
-                   help="lifecycle events kept for /api/v1.0/events (default: %(default)s)")
+                   help="events kept for /api/v1.0/events, per event type (default: %(default)s)")
     p.add_argument("--event-max-age", type=positive_float, default=86400.0, metavar="SECONDS",
                    help="how long events are kept (default: %(default)s, one day)")
     p.add_argument("--max-streams", type=positive_int, default=100, metavar="N",
@@ -3202,10 +3661,18 @@ def main(argv=None):
         sampler.specs.mark(uuid)    # its XML may have changed
         sampler.refresh.add(uuid)   # and its devices: a full read next round
 
+    def on_event(name, uuid, event_type, reason, details):
+        hub.record(name, uuid, event_type, reason, details)
+        if event_type in XML_CHANGE_EVENTS:
+            sampler.specs.mark(uuid)    # metadata or devices changed
+            sampler.refresh.add(uuid)   # a device's counters too: a full read next round
+
     hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
+    hypervisor.on_event = on_event
     sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
                       args.history, args.down_minutes * 60, timeout=args.libvirt_timeout,
-                      full_interval=args.full_interval, source=args.source)
+                      full_interval=args.full_interval, source=args.source,
+                      metadata_labels=args.metadata_label)
     statsd = None
     if args.statsd_host:
         statsd = StatsdEmitter(sampler, args.statsd_host, args.statsd_port, args.statsd_interval,
