@@ -1727,7 +1727,7 @@ class PrometheusSideTests(unittest.TestCase):
             self.assertEqual(covered, set(re.findall(named, f.read())))
 
     def test_alert_rules_check_and_unit_tests(self):
-        self.check_rules("vadvisor-alerts", 5, r"alertname: (\w+)", r"alert: (\w+)")
+        self.check_rules("vadvisor-alerts", 10, r"alertname: (\w+)", r"alert: (\w+)")
 
     def test_recording_rules_with_joins(self):
         self.check_rules("vadvisor-rules", 3, r"expr: ([\w:]+)\n", r"record: ([\w:]+)")
