@@ -3619,11 +3619,17 @@ class CommandLineTests(unittest.TestCase):
 
     def test_bad_flags_are_one_line_errors(self):
         for args in (["--port", "99999"], ["--interval", "0"], ["--interval", "abc"],
-                     ["--collect", "bogus"], ["--down-minutes", "-1"], ["--nope"]):
+                     ["--collect", "bogus"], ["--down-minutes", "-1"], ["--nope"],
+                     ["--source", "kernel"], ["--full-interval", "-2"],
+                     ["--metadata-label", "nolabel"], ["--metadata-label", "uuid=a"],
+                     ["--metadata-label", "x=a["], ["--metadata-label", "x=/abs"]):
             proc = self.run_agent(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertNotIn(b"Traceback", proc.stderr)
-            self.assertIn(b"error:", proc.stderr)
+            lines = proc.stderr.decode().splitlines()
+            self.assertEqual(len(lines), 1, (args, lines))
+            self.assertTrue(lines[0].startswith("vadvisor: error: argument %s" % args[0])
+                            or args == ["--nope"], lines)
 
     def test_once_prints_metrics(self):
         needs_libvirt(self)

@@ -2190,9 +2190,8 @@ def metadata_label(text):
             "%r: use LABEL=PATH, LABEL a Prometheus label name other than uuid and name" % text)
     try:
         ElementTree.Element("metadata").find(path.partition("@")[0] or ".")
-    except (SyntaxError, KeyError, TypeError, ValueError, IndexError) as exc:
-        raise argparse.ArgumentTypeError("%r: PATH is not an ElementTree path (%s)"
-                                         % (text, exc or type(exc).__name__))
+    except (SyntaxError, KeyError, TypeError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError("%r: PATH is not a valid ElementTree path" % text)
     if not path or path.endswith("@") or path.count("@") > 1:
         raise argparse.ArgumentTypeError("%r: PATH names nothing" % text)
     return label, path
@@ -3442,8 +3441,15 @@ class SystemdNotifier(object):
 # CLI and main()
 # =============================================================================
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag told in one line (not the whole usage) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="vadvisor", description="Read-only monitoring agent for KVM/libvirt hypervisors.")
     p.add_argument("--connect", metavar="URI", default="qemu:///system",
                    help="libvirt URI, always opened read-only (default: %(default)s)")
