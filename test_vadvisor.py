@@ -852,6 +852,50 @@ class EventKindTests(unittest.TestCase):
             self.assertEqual(got, (reason, details), event_type)
             json.dumps(got)
 
+    # The binding's dispatcher of each kind (libvirt.virConnect._dispatchDomainEvent*).
+    DISPATCHERS = {
+        "REBOOT": "Generic", "CONTROL_ERROR": "Generic", "RTC_CHANGE": "RTCChange",
+        "WATCHDOG": "Watchdog", "IO_ERROR_REASON": "IOErrorReason", "GRAPHICS": "Graphics",
+        "BLOCK_JOB_2": "BlockJob", "DISK_CHANGE": "DiskChange", "TRAY_CHANGE": "TrayChange",
+        "PMWAKEUP": "PMWakeup", "PMSUSPEND": "PMSuspend", "BALLOON_CHANGE": "BalloonChange",
+        "PMSUSPEND_DISK": "PMSuspendDisk", "DEVICE_REMOVED": "DeviceRemoved",
+        "TUNABLE": "Tunable", "AGENT_LIFECYCLE": "AgentLifecycle", "DEVICE_ADDED": "DeviceAdded",
+        "MIGRATION_ITERATION": "MigrationIteration", "JOB_COMPLETED": "JobCompleted",
+        "DEVICE_REMOVAL_FAILED": "DeviceRemovalFailed", "METADATA_CHANGE": "MetadataChange",
+        "BLOCK_THRESHOLD": "BlockThreshold", "MEMORY_FAILURE": "MemoryFailure",
+        "MEMORY_DEVICE_SIZE_CHANGE": "MemoryDeviceSizeChange"}
+
+    def test_every_kind_through_the_bindings_own_dispatcher(self):
+        """Each kind's callback, called the way the binding calls it, on a real domain
+        of test:///default: the arguments the binding passes match the names."""
+        if libvirt is None:
+            missing("the libvirt binding is missing (python3-libvirt)")
+        import inspect
+        vadvisor.silence_libvirt()
+        conn = libvirt.openReadOnly("test:///default")
+        got = []
+        hypervisor = vadvisor.Hypervisor("test:///default")
+        hypervisor.on_event = lambda *event: got.append(event)
+        self.assertEqual(set(self.DISPATCHERS), set(k for k, _, _ in vadvisor.DOMAIN_EVENTS))
+        for kind, event_type, names in vadvisor.DOMAIN_EVENTS:
+            dispatch = getattr(conn, "_dispatchDomainEvent%sCallback" % self.DISPATCHERS[kind])
+            arity = len(inspect.signature(dispatch).parameters) - 2    # less dom and cbData
+            args = [{"a": 1} if name == "params" else 1 for name in names][:arity]
+            args += [1] * (arity - len(args))
+            del got[:]
+            # A reference of its own, as libvirt's C side hands each event: the
+            # binding's wrapper frees it after the callback.
+            ref = conn.lookupByName("test")
+            raw, ref._o = ref._o, None
+            dispatch(raw, *(args + [{"cb": hypervisor._callback(event_type, names),
+                                     "opaque": None}]))
+            self.assertEqual(len(got), 1, kind)
+            name, uuid, seen_type, _, details = got[0]
+            self.assertEqual((name, uuid, seen_type), ("test", TEST_UUID, event_type))
+            self.assertNotIn("arguments", details, "%s: the binding passes %d arguments"
+                             % (kind, arity))
+        conn.close()
+
     def test_an_unexpected_shape_is_kept_whole(self):
         with self.assertLogs("vadvisor", "WARNING"):
             got = vadvisor.event_details("Watchdog", self.kind("Watchdog"), (1, "extra", object()))
@@ -878,10 +922,11 @@ class EventKindTests(unittest.TestCase):
             hub.record("vm", TEST_UUID, "RTCChange", "", {"utcoffset": i})
             hub.record("vm", TEST_UUID, "BalloonChange", "", {"actual": i})
         kept = hub.history(lambda e: True, -1)
+        self.assertEqual(len(kept), 100)                            # the bound, in all
         lifecycle = [e.type for e in kept if e.type in vadvisor.EVENT_TYPE_NAMES]
         self.assertEqual(lifecycle, ["Started", "Suspended", "Resumed"])
-        self.assertEqual(sum(1 for e in kept if e.type == "RTCChange"), 100)
-        self.assertEqual(sum(1 for e in kept if e.type == "BalloonChange"), 100)
+        rtc = sum(1 for e in kept if e.type == "RTCChange")
+        self.assertEqual(sorted((rtc, 97 - rtc)), [48, 49])        # the chatty ones share
         ids = [e.id for e in kept]
         self.assertEqual(ids, sorted(ids))      # one history, in order
         last = json.loads(kept[-1].json)
@@ -1096,7 +1141,8 @@ class EventHubTests(unittest.TestCase):
         self.assertNotIn(True, overflows)
         self.assertEqual(received, list(range(1, 10001)))          # all, in order
         kept = collections.Counter(e.type for e in hub.history(lambda e: True, -1))
-        self.assertEqual(sorted(kept.values()), [1000] * 9)        # history bound, per type
+        self.assertEqual(sum(kept.values()), 1000)                 # the bound
+        self.assertLessEqual(max(kept.values()) - min(kept.values()), 1)   # shared evenly
         batch, overflowed, _ = hub.next(slow, 0)
         self.assertTrue(overflowed)
         self.assertEqual(len(batch), 500)
@@ -2343,11 +2389,18 @@ class LoadTests(unittest.TestCase):
                        - values(before, "vadvisor_samples_total")[0])
             calls = (values(after, "vadvisor_libvirt_calls_total")[0]
                      - values(before, "vadvisor_libvirt_calls_total")[0])
-            # One libvirt call per sample: scrapes never add calls (60,000 scrapes would
-            # show as thousands).  A call is counted when it starts and its sample when
+            # At most two libvirt calls per sample, the state call and one for the domains
+            # whose full read is due: scrapes never add calls (60,000 scrapes would show
+            # as thousands).  A call is counted when it starts and its sample when
             # published, so a snapshot taken mid-sample may be off by that one sample.
-            self.assertLessEqual(abs(calls - samples), 1, "\n".join(
+            reads = (values(after, "vadvisor_full_reads_total")[0]
+                     - values(before, "vadvisor_full_reads_total")[0])
+            self.assertGreaterEqual(calls, samples - 1)
+            self.assertLessEqual(calls, samples + min(reads, samples) + 1, "\n".join(
                 l for l in agent.output().splitlines() if '"GET ' not in l)[-3000:])
+            # the rolling full tier: each of the 8 domains about once per 15 s
+            self.assertGreaterEqual(reads, 8 * (samples // 15) - 8)
+            self.assertLessEqual(reads, 8 * (samples // 15 + 2))
             self.assertGreater(samples, 20)
             growth = rss_late - rss_early
             self.assertLess(growth, 10 * 2 ** 20)       # flat memory
@@ -2389,8 +2442,7 @@ class LoadTests(unittest.TestCase):
             ids = [e["id"] for e in fast.lines()]
             self.assertEqual(ids, list(range(ids[0], ids[0] + len(ids))))   # all, in order
             history = agent.get("/api/v1.0/events?max_events=-1")[2].decode().splitlines()
-            kept = collections.Counter(json.loads(l)["event_type"] for l in history)
-            self.assertLessEqual(max(kept.values()), 2000, kept)            # the bound, per type
+            self.assertLessEqual(len(history), 2000)                       # the bound
             self.assertEqual(json.loads(history[-1])["id"], ids[-1])
             self.assertLess(agent_rss(agent) - rss_before, 20 * 2 ** 20)
             self.assertTrue(wait_for(lambda: any(e.get("gap") for e in slow.lines()), 60),
@@ -3225,7 +3277,8 @@ def bench(guest_count):
             "%d scrapes each, after 2 warm-ups" % len(ours))
         per_sample, busy, samples = bench_libvirt_load()
         row("3. libvirt calls per sample, 20 scrapers + 5 live=true loops", "%.2f" % per_sample,
-            "", "", "1", per_sample <= 1.0, "%d samples" % samples)
+            "", "", "<= 2: state, and the domains due for a full read", per_sample <= 2.0,
+            "%d samples" % samples)
         row("   libvirtd kept busy by the sampler, --interval 1, %d guests" % guest_count,
             "%.0f%% of the time" % (busy * 100), "", "", "at most 50% (pacing rule)",
             busy <= 0.51, "30 s")
@@ -4268,8 +4321,11 @@ class ContextTests(unittest.TestCase):
         self.assertEqual(len(values(fams, "vm_network_receive_bytes_total",
                                     name=self.running.name(), interface=tap)), 1)
         conn = Bench.require()
+        daemon = subprocess.run(["virsh", "-c", SYSTEM_URI, "version", "--daemon"],
+                                stdout=subprocess.PIPE, check=True).stdout.decode()
         self.assertEqual(values(fams, "vadvisor_libvirt_info", driver=conn.getType(),
-                                libvirtd_version=vadvisor.version_string(conn.getLibVersion()),
+                                libvirtd_version=re.search(r"Running against daemon: (\S+)",
+                                                           daemon).group(1),
                                 hostname=conn.getHostname()), [1])
         promtool_check(self, self.agent.get("/metrics")[2])
 

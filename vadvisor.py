@@ -146,7 +146,9 @@ EVENT_REASONS = {"Watchdog": "action", "IOError": "reason", "BlockJob": "status"
                  "Graphics": "phase", "MemoryFailure": "action"}
 ALL_EVENT_TYPES = EVENT_TYPE_NAMES + tuple(t for _, t, _ in DOMAIN_EVENTS)
 # Events after which a domain's XML is read again (besides lifecycle events).
-XML_CHANGE_EVENTS = ("MetadataChange", "DeviceAdded", "DeviceRemoved")
+# (A finished block copy or commit, and a media change, change a disk's source.)
+XML_CHANGE_EVENTS = ("MetadataChange", "DeviceAdded", "DeviceRemoved", "BlockJob", "DiskChange",
+                     "TrayChange")
 
 
 NUMBER_TYPES = (int, float, bool)
@@ -327,19 +329,26 @@ class Hypervisor(object):
         self.on_event = None    # called with (name, uuid, event_type, reason, details)
         self.event_ids = []     # callback ids of the other event kinds
         self.info = ()          # ((label, value), ...) of the daemon, read at connection
+        self.opening = threading.Lock()
 
     def connection(self):
-        """The open connection, opening it if needed; raises libvirtError."""
-        if self.conn is not None and self.broken:
-            self.drop("connection closed by libvirt")
-        if self.conn is None:
-            self.broken = False
-            conn = libvirt.openReadOnly(self.uri)
-            self._watch(conn)
-            self.info = describe(conn)
-            self.conn = conn
-            self._set_state(True, None)
-        return self.conn
+        """The open connection, opening it if needed; raises libvirtError.
+
+        Opening (with its some 30 event registrations) can outlive
+        --libvirt-timeout: the next round's call then waits for it on the
+        lock and takes its connection, rather than opening a second one whose
+        callbacks would record every event twice."""
+        with self.opening:
+            if self.conn is not None and self.broken:
+                self.drop("connection closed by libvirt")
+            if self.conn is None:
+                self.broken = False
+                conn = libvirt.openReadOnly(self.uri)
+                self._watch(conn)
+                self.info = describe(conn)
+                self.conn = conn
+                self._set_state(True, None)
+            return self.conn
 
     def _watch(self, conn):
         if not self.events:
@@ -358,15 +367,17 @@ class Hypervisor(object):
         if self.on_event is not None:
             kinds = [(kind, event_type, names) for kind, event_type, names in DOMAIN_EVENTS]
             kinds += [(kind, None, ()) for kind in SUPERSEDED_EVENTS]
+            ids = []
             for kind, event_type, names in kinds:
                 event_id = getattr(libvirt, "VIR_DOMAIN_EVENT_ID_" + kind, None)
                 if event_id is None:
                     continue    # an older binding
                 try:
-                    self.event_ids.append(conn.domainEventRegisterAny(
+                    ids.append(conn.domainEventRegisterAny(
                         None, event_id, self._callback(event_type, names), None))
                 except libvirt.libvirtError as exc:
                     log.warning("cannot watch %s events: %s", kind, exc)
+            self.event_ids = ids
 
     def _closed(self, _conn, _reason, _opaque):
         self.broken = True
@@ -478,6 +489,15 @@ def ticks_ns(ticks):
     return ticks * NS_PER_SECOND // CLOCK_TICKS
 
 
+def libvirt_cgroup(path):
+    """True for a cgroup libvirt made for a domain: its emulator thread's group, or
+    a machine group named after QEMU.  Any other (a session scope, libvirtd's own
+    group when libvirt manages no cgroups) holds other processes too: libvirt then
+    reads /proc/PID/stat, and so does the agent."""
+    parts = path.rstrip("/").split("/")
+    return parts[-1] == "emulator" or "qemu" in parts[-1]
+
+
 class CgroupCpu(object):
     """A domain's CPU time from its cgroup, where libvirt reads it too."""
 
@@ -487,7 +507,11 @@ class CgroupCpu(object):
             self.stat = KernelFile(path + "/cpu.stat")
         else:
             self.usage = KernelFile(path + "/cpuacct.usage")
-            self.stat = KernelFile(path + "/cpuacct.stat")
+            try:
+                self.stat = KernelFile(path + "/cpuacct.stat")
+            except OSError:
+                self.usage.close()
+                raise
 
     def read(self):
         """(cpu.time, cpu.user, cpu.system) in ns."""
@@ -513,13 +537,13 @@ class CgroupCpu(object):
             return None
         for line in lines:      # cgroup v1's cpuacct first: where it is used, libvirt reads it
             _, controllers, path = line.split(":", 2)
-            if "cpuacct" in controllers.split(",") and path != "/":
+            if "cpuacct" in controllers.split(",") and libvirt_cgroup(path):
                 found = cls._open(CGROUP_V1_ROOTS, path, 1)
                 if found:
                     return found
         for line in lines:
             _, controllers, path = line.split(":", 2)
-            if controllers == "" and path != "/":
+            if controllers == "" and libvirt_cgroup(path):
                 return cls._open(CGROUP_ROOTS, path, 2)
         return None
 
@@ -556,8 +580,13 @@ class QemuProcess(object):
                 index = int(match.group(1)) if match else None
                 if index in wanted and index not in self.vcpus:
                     path = "%s/%s/" % (task, tid)
-                    self.vcpus[index] = (KernelFile(path + "stat"), KernelFile(path + "schedstat"),
-                                         wait_file(path + "sched"))
+                    stat = KernelFile(path + "stat")
+                    try:
+                        self.vcpus[index] = (stat, KernelFile(path + "schedstat"),
+                                             wait_file(path + "sched"))
+                    except OSError:
+                        stat.close()
+                        raise
             except (OSError, ValueError):
                 continue    # a thread that ended meanwhile
 
@@ -717,6 +746,11 @@ class KernelTier(object):
 
     def attach(self, conn, reason):
         """A new connection, and why its domains cannot be read from the kernel (None: they can)."""
+        if reason is None and self.net is None:
+            try:
+                self.net = KernelFile("/proc/self/net/dev")
+            except OSError as exc:
+                reason = "/proc/self/net/dev: %s" % exc
         self.conn = conn
         if reason != self.reason:
             if reason:
@@ -724,8 +758,6 @@ class KernelTier(object):
             else:
                 log.info("CPU, vCPU, memory and network statistics come from the host kernel")
         self.reason = reason
-        if reason is None and self.net is None:
-            self.net = KernelFile("/proc/self/net/dev")
 
     def begin(self, wanted):
         """A new round; wanted: [(uuid, domain id)] of active domains."""
@@ -1130,6 +1162,7 @@ class Sampler(object):
         self.call_lock = threading.Lock()
         self.complete = {}                  # uuid -> (last complete stats, when, key count)
         self.full_records = {}              # uuid -> (the newest full record, when read)
+        self.kernel_values = {}             # uuid -> the kernel's values of the latest sample
         self.keep_plans = {}                # a stats dict's keys -> the keys worth keeping
         self.table = table
         self.groups = groups
@@ -1158,6 +1191,11 @@ class Sampler(object):
         self.refresh = set()                # uuids with a lifecycle event since the last round
         self.last_full_began = None         # monotonic start of the latest full sample
         self.full_not_before = 0.0          # the full tier's rest
+        # The rolling full tier: each domain's next full read (monotonic time).  With
+        # --full-interval no longer than --interval every sample is a bulk full one.
+        self.due = {}
+        self.rolling = self.full_interval > interval
+        self.full_reads_total = 0           # domains read with every group
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
@@ -1174,6 +1212,9 @@ class Sampler(object):
         groups = self.groups if full else (self.state_mask if kernel else self.fast_mask)
         records, started, duration = self.stats_call(conn.getAllDomainStats, groups, self.flags)
         refresh, self.refresh = self.refresh, set()
+        now = time.monotonic()
+        if self.rolling and not full:
+            refresh.update(uuid for uuid, when in self.due.items() if when <= now)
         fulls = set(dom.UUIDString() for dom, _ in records) if full else set()
         if refresh and not full:
             doms = [dom for dom, _ in records if dom.UUIDString() in refresh]
@@ -1182,9 +1223,14 @@ class Sampler(object):
                 duration += spent
                 records = self.replace(records, extra)
                 fulls.update(dom.UUIDString() for dom, _ in extra)
+        self.schedule([dom.UUIDString() for dom, _ in records if dom.UUIDString() in fulls],
+                      full, now)
         if kernel:
             self.kernel.begin([(dom.UUIDString(), dom.ID()) for dom, stats in records
                           if stats.get("state.state") not in INACTIVE_STATES])
+            # The counters that move every second are the kernel's, read from here
+            # on: the sample is of this moment, not of a full call's start.
+            started = time.time()
         domains, handles, fallback, from_kernel = [], {}, [], 0
         for dom, stats in records:
             uuid = dom.UUIDString()     # local: no call to libvirtd
@@ -1199,6 +1245,7 @@ class Sampler(object):
                 found = self.kernel.read(uuid, stats, self.specs.peek(uuid))
                 if found is not None:
                     stats.update(found)
+                    self.kernel_values[uuid] = found
                     from_kernel += 1
                 elif uuid not in fulls:
                     fallback.append((len(domains), dom))
@@ -1212,6 +1259,22 @@ class Sampler(object):
         self.publish(sample)
         self.specs.request(handles, sample.seq)
         return sample
+
+    def schedule(self, read, bulk, now):
+        """The next full read of the domains just read in full, one --full-interval on.
+
+        Domains new to the schedule (all of them at the first sample) are spread
+        over one --full-interval, so that each fast round reads a few of them in
+        one domainListGetStats call: libvirtd and QEMU get an even load, and no
+        bulk call of every domain holds up the fast tier.  A bulk sample (a live
+        request) leaves the others' turns where they are."""
+        self.full_reads_total += len(read)
+        new = [uuid for uuid in read if uuid not in self.due]
+        for i, uuid in enumerate(new):
+            self.due[uuid] = now + self.full_interval * (i + 1) / len(new)
+        if not bulk:
+            for uuid in read:
+                self.due[uuid] = now + self.full_interval
 
     @staticmethod
     def replace(records, extra):
@@ -1242,10 +1305,14 @@ class Sampler(object):
         if base is None or base.get("state.state") != stats.get("state.state"):
             self.refresh.add(uuid)
             if base is None or stats.get("state.state") in INACTIVE_STATES:
+                self.kernel_values.pop(uuid, None)
                 stats["vadvisor.stale"] = 0
                 stats["vadvisor.stats_age"] = 0
                 return stats
         merged = dict(base)
+        # A value the kernel gave last time, but not this time (a vCPU thread or a
+        # tap that went), stays that newer value rather than the full record's.
+        merged.update(self.kernel_values.get(uuid, ()))
         merged.update(stats)
         merged["vadvisor.stats_age"] = base["vadvisor.stats_age"] + max(0.0, now - read_at)
         return merged
@@ -1342,7 +1409,7 @@ class Sampler(object):
 
         Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
-        for kept in (self.complete, self.full_records):
+        for kept in (self.complete, self.full_records, self.due, self.kernel_values):
             for uuid in [u for u in kept if u not in present]:
                 del kept[uuid]
         if self.kernel is not None:
@@ -1416,10 +1483,13 @@ class Sampler(object):
             self.wakeup.clear()
 
     def full_scheduled(self, when):
-        """True when a full sample is due by --full-interval at monotonic time when
-        (half an --interval early: samples start on --interval's beat)."""
+        """True when a bulk full sample is due at monotonic time when: the first one,
+        and every one when --full-interval is no longer than --interval (half an
+        --interval early: samples start on --interval's beat).  Otherwise the full
+        tier rolls through the domains in the fast rounds (schedule)."""
         return (self.last_full_began is None
-                or when - self.last_full_began >= self.full_interval - self.interval / 2)
+                or (not self.rolling
+                    and when - self.last_full_began >= self.full_interval - self.interval / 2))
 
     def full_due(self, now):
         wanted = self.live_wanted or self.full_wanted or self.full_scheduled(now)
@@ -2449,8 +2519,21 @@ def event_series(event_type, details):
         if counted is None:
             found.append((family, (("event_type", event_type),)))
         elif counted == event_type:
-            found.append((family, tuple((l, str(details.get(l, ""))) for l in labels)))
+            # device: the disk's target, as in the disk families, where the event's
+            # alias could be resolved (see disk_target)
+            found.append((family, tuple((l, str(details.get("target" if l == "device" and
+                                                            "target" in details else l, "")))
+                                        for l in labels)))
     return found
+
+
+def disk_target(spec, alias):
+    """The target name (vda) of the disk whose alias (virtio-disk0) an event gives."""
+    for device in (spec or {}).get("devices", ()):
+        if device.get("family") == "disk" and (device.get("alias") or {}).get("name") == alias:
+            target = (device.get("target") or {}).get("dev")
+            return target if isinstance(target, str) else None
+    return None
 
 
 class Event(object):
@@ -2524,6 +2607,7 @@ class EventHub(object):
         # balloon changes) pushes out only its own history, never lifecycle events.
         self.max_events = max_events
         self.kinds = {}         # event_type -> deque of Events, oldest first
+        self.kept = 0           # events in all the deques
         self.max_age = max_age
         self.max_streams = max_streams
         self.queue_limit = queue_limit
@@ -2537,22 +2621,29 @@ class EventHub(object):
     def publish(self, name, uuid, event, detail):
         """A lifecycle event, from its codes."""
         event_type, reason = event_names(event, detail)
-        item = self.record(name, uuid, event_type, reason)
-        with self.lock:
-            cached(self.changed, uuid, lambda: 0.0)     # bounded however domains come and go
-            self.changed[uuid] = item.ms / 1000.0
+        self.record(name, uuid, event_type, reason)
 
     def record(self, name, uuid, event_type, reason, details=None):
-        """Any event: kept, counted and offered to every stream."""
+        """Any event: kept, counted and offered to every stream.
+
+        At --event-history events in all, the kind with the most events gives up
+        its oldest: a chatty kind pushes out its own history, not another's."""
         now = time.time()
         with self.lock:
             self.last_id += 1
             item = Event(self.last_id, now, name, uuid, event_type, reason, details)
             kind = self.kinds.get(event_type)
             if kind is None:
-                kind = self.kinds[event_type] = collections.deque(maxlen=self.max_events)
+                kind = self.kinds[event_type] = collections.deque()
             kind.append(item)
+            self.kept += 1
+            if self.kept > self.max_events:
+                max(self.kinds.values(), key=len).popleft()
+                self.kept -= 1
             self._expire(now)
+            if details is None:     # a lifecycle event
+                cached(self.changed, uuid, lambda: 0.0)     # bounded however domains come and go
+                self.changed[uuid] = item.ms / 1000.0
             self.counts[event_type] = self.counts.get(event_type, 0) + 1
             self._tally(name, uuid, event_type, details or {})
             for subscriber in self.subscribers:
@@ -2571,18 +2662,25 @@ class EventHub(object):
         for kind in self.kinds.values():
             while kind and kind[0].ms < horizon:
                 kind.popleft()
+                self.kept -= 1
 
     def snapshot(self):
-        """Every kept event, oldest first.  Called with the lock held."""
-        return list(heapq.merge(*self.kinds.values(), key=lambda e: e.id))
+        """The deques' contents, copied: called with the lock held; merge() them
+        outside it, so the event-loop thread waits for a copy, not a sort."""
+        return [list(kind) for kind in self.kinds.values()]
+
+    @staticmethod
+    def merge(copies):
+        """Every event of snapshot(), oldest first."""
+        return heapq.merge(*copies, key=lambda e: e.id)
 
     def history(self, wanted, limit):
         """The oldest `limit` matching events (-1: all), oldest first."""
         with self.lock:
             self._expire(time.time())
-            snapshot = self.snapshot()
+            copies = self.snapshot()
         found = []
-        for item in snapshot:
+        for item in self.merge(copies):
             if wanted(item):
                 found.append(item)
                 if len(found) == limit:
@@ -2599,7 +2697,7 @@ class EventHub(object):
             if self.closing or len(self.subscribers) >= self.max_streams:
                 return None
             subscription = Subscription(self.lock, wanted, self.queue_limit)
-            backlog = [e for e in self.snapshot() if replay(e)] if replay else []
+            backlog = [e for e in self.merge(self.snapshot()) if replay(e)] if replay else []
             self.subscribers.append(subscription)
         return subscription, backlog
 
@@ -2738,7 +2836,11 @@ class Agent(object):
              "kernel reads and records; libvirt's replies are decoded in its call threads.",
              [((("tier", tier),), s.cpu_seconds[tier]) for tier in ("fast", "full")]),
             ("vadvisor_full_samples_total", COUNTER,
-             "Full samples taken: libvirt read every stat group.", [((), s.full_samples_total)]),
+             "Bulk full samples taken: libvirt read every stat group of every domain.",
+             [((), s.full_samples_total)]),
+            ("vadvisor_full_reads_total", COUNTER,
+             "Domains read with every stat group, in bulk full samples and in the fast rounds.",
+             [((), s.full_reads_total)]),
             ("vadvisor_kernel_domains", GAUGE,
              "Domains whose fast-tier values the latest sample read from the host kernel.",
              [((), sample.kernel_domains)]),
@@ -3449,6 +3551,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    labels = [label for label, _ in args.metadata_label]
+    if len(set(labels)) != len(labels):
+        build_parser().error("argument --metadata-label: a label name is given twice: %s"
+                             % ", ".join(sorted(set(l for l in labels if labels.count(l) > 1))))
+    return args
+
+
+def build_parser():
     p = ArgumentParser(
         prog="vadvisor", description="Read-only monitoring agent for KVM/libvirt hypervisors.")
     p.add_argument("--connect", metavar="URI", default="qemu:///system",
@@ -3480,7 +3591,8 @@ def parse_args(argv=None):
                         "ElementTree path below it ({namespace}tag, optional @attribute at the "
                         "end); repeatable")
     p.add_argument("--event-history", type=positive_int, default=10000, metavar="N",
-                   help="events kept for /api/v1.0/events, per event type (default: %(default)s)")
+                   help="events kept for /api/v1.0/events; when full, the event type with the "
+                        "most gives up its oldest (default: %(default)s)")
     p.add_argument("--event-max-age", type=positive_float, default=86400.0, metavar="SECONDS",
                    help="how long events are kept (default: %(default)s, one day)")
     p.add_argument("--max-streams", type=positive_int, default=100, metavar="N",
@@ -3515,7 +3627,7 @@ def parse_args(argv=None):
                    help="take one sample, print it as Prometheus text and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("--version", action="version", version="vadvisor " + VERSION)
-    return p.parse_args(argv)
+    return p
 
 
 def positive_float(text):
@@ -3668,6 +3780,10 @@ def main(argv=None):
         sampler.refresh.add(uuid)   # and its devices: a full read next round
 
     def on_event(name, uuid, event_type, reason, details):
+        if event_type == "IOError":     # joins with the disk families by target
+            target = disk_target(sampler.specs.peek(uuid), details.get("device"))
+            if target:
+                details["target"] = target
         hub.record(name, uuid, event_type, reason, details)
         if event_type in XML_CHANGE_EVENTS:
             sampler.specs.mark(uuid)    # metadata or devices changed
