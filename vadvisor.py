@@ -708,22 +708,20 @@ def nic_views(spec):
     return views
 
 
-def local_qemu(conn):
+def local_qemu(conn, driver):
     """None when the connection's domains run as processes of this host's kernel
-    (the QEMU driver over a local socket), else why not."""
-    try:
-        uri, driver = conn.getURI(), conn.getType()
-    except libvirt.libvirtError as exc:
-        return "libvirt does not say its driver (%s)" % exc
+    (the QEMU driver, as describe() read it, over a local socket), else why not."""
     if driver != "QEMU":
-        return "the %s driver runs no QEMU processes here" % driver
+        return "the %s driver runs no QEMU processes here" % (driver or "unknown")
+    try:
+        uri = conn.getURI()
+    except libvirt.libvirtError as exc:
+        return "libvirt does not say its URI (%s)" % exc
     parts = urlsplit(uri)
     transport = parts.scheme.partition("+")[2]
     if parts.hostname or transport not in ("", "unix"):
         return "%s is a remote URI" % uri
-    if not os.access("/proc/self/net/dev", os.R_OK):
-        return "/proc is not readable"
-    return None
+    return None     # a /proc that cannot be read: KernelTier.attach finds out
 
 
 class KernelTier(object):
@@ -1207,7 +1205,8 @@ class Sampler(object):
         """Take one sample; returns it, or raises libvirtError or Stuck."""
         conn = self.bounded(self.hypervisor.connection)
         if self.kernel is not None and conn is not self.kernel.conn:
-            self.kernel.attach(conn, self.bounded(local_qemu, conn))
+            driver = dict(self.hypervisor.info).get("driver")
+            self.kernel.attach(conn, self.bounded(local_qemu, conn, driver))
         kernel = self.kernel is not None and self.kernel.reason is None
         groups = self.groups if full else (self.state_mask if kernel else self.fast_mask)
         records, started, duration = self.stats_call(conn.getAllDomainStats, groups, self.flags)
