@@ -14,7 +14,7 @@ PORT ?= 8181
 PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev/null 2>&1 && { command -v $$p; exit; }; done; echo /usr/bin/python3)
 
 DEMO_PACKAGES = python3-libvirt libvirt-clients
-BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu \
+BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu nbdkit \
 	$(if $(shell command -v npm),,nodejs npm) \
 	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
 

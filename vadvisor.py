@@ -70,6 +70,19 @@ DOMAIN_STATES = ("NoState", "Running", "Blocked", "Paused", "Shutdown",
                  "Shutoff", "Crashed", "PMSuspended")
 VCPU_STATES = ("Offline", "Running", "Blocked")
 INACTIVE_STATES = (0, 5)    # nostate and shutoff: no QEMU process
+PAUSED = 3
+# virDomainPausedReason codes of a domain paused by a job of its own: migration,
+# save, dump, snapshot (libvirt pauses it for them), and I/O error.
+JOB_PAUSE_REASONS = (2, 3, 4, 9)
+PAUSED_IOERROR = 5
+
+# Domain jobs (virDomainJobType and virDomainJobOperation, libvirt's enum order).
+JOB_TYPES = ("none", "bounded", "unbounded", "completed", "failed", "cancelled")
+JOB_OPERATIONS = ("unknown", "start", "save", "restore", "migration-in", "migration-out",
+                  "snapshot", "snapshot-revert", "dump", "backup", "snapshot-delete")
+JOB_ENDED = {4: "failed", 5: "cancelled"}   # a completed one comes as a JobCompleted event
+# virDomainDiskErrorCode: what diskErrors() says of a disk.
+DISK_ERRORS = ("none", "unspec", "no_space")
 
 # Lifecycle event types and their detail reasons, in libvirt's enum order
 # (libvirt 9.0).  Codes beyond these tables come from newer libvirt and are
@@ -139,6 +152,8 @@ EVENT_ENUMS = {
     ("MetadataChange", "type"): ("description", "title", "element"),
     ("MemoryFailure", "recipient"): ("hypervisor", "guest"),
     ("MemoryFailure", "action"): ("ignore", "inject", "fatal", "reset"),
+    ("JobCompleted", "operation"): JOB_OPERATIONS,
+    ("JobCompleted", "type"): JOB_TYPES,
 }
 # The detail argument that becomes the event's "reason" (lifecycle events have one too).
 EVENT_REASONS = {"Watchdog": "action", "IOError": "reason", "BlockJob": "status",
@@ -200,6 +215,15 @@ def json_safe(value):
     return str(value)
 
 
+def coded(event_type, name, value):
+    """An event argument's code as its name by EVENT_ENUMS; other values as they are."""
+    codes = EVENT_ENUMS.get((event_type, name))
+    if codes is not None and type(value) is int and 0 <= value < len(codes) \
+            and codes[value] is not None:
+        return codes[value]
+    return value
+
+
 def event_details(event_type, names, args):
     """(reason, details) of a callback's arguments; an unexpected shape is kept
     whole under "arguments" and logged, never dropped."""
@@ -207,15 +231,12 @@ def event_details(event_type, names, args):
         log.warning("%s event with %d arguments, %d expected: recorded as they came",
                     event_type, len(args), len(names))
         return "", {"arguments": json_safe(list(args))}
-    details = {}
-    for name, value in zip(names, args):
-        codes = EVENT_ENUMS.get((event_type, name))
-        if codes is not None and isinstance(value, int) and 0 <= value < len(codes) \
-                and codes[value] is not None:
-            value = codes[value]
-        details[name] = json_safe(value)
-    if names == ("params",):        # typed parameters: their own keys
-        details = details["params"] if isinstance(details["params"], dict) else details
+    details = dict((name, json_safe(coded(event_type, name, value)))
+                   for name, value in zip(names, args))
+    if names == ("params",) and isinstance(details["params"], dict):
+        # typed parameters: their own keys, whose codes are named as arguments' are
+        details = dict((key, coded(event_type, key, value))
+                       for key, value in details["params"].items())
     reason = details.get(EVENT_REASONS.get(event_type), "")
     return (reason if isinstance(reason, str) else str(reason)), details
 
@@ -870,6 +891,21 @@ class Stuck(Exception):
     """A libvirt call outlived --libvirt-timeout."""
 
 
+def is_paused(stats, reasons):
+    """True for a paused domain whose pause reason is one of reasons."""
+    return stats.get("state.state") == PAUSED and stats.get("state.reason") in reasons
+
+
+def job_keys(job):
+    """jobStats()'s numbers as the metric table's job.* keys; the dirty rate, in
+    pages per second, also in bytes."""
+    keys = dict(("job." + k, v) for k, v in job.items() if type(v) in NUMBER_TYPES)
+    pages = job.get("memory_dirty_rate")
+    if type(pages) is int:
+        keys["job.memory_dirty_rate_bytes"] = pages * job.get("memory_page_size", PAGE_KIB * 1024)
+    return keys
+
+
 def is_partial(last, stats):
     """True when stats lacks values the last complete record of the guest had,
     although the guest kept its state and its devices."""
@@ -1194,6 +1230,13 @@ class Sampler(object):
         self.due = {}
         self.rolling = self.full_interval > interval
         self.full_reads_total = 0           # domains read with every group
+        # Running jobs: the domains whose jobStats() is read every round, and
+        # the domains an event says may have one (a migration's first iteration).
+        self.jobs = {}                      # uuid -> the latest jobStats() of its job
+        self.job_hints = set()
+        self.idle_pauses = {}               # uuid -> the pause reason jobStats() found no job in
+        self.job_calls = {"jobStats": 0, "diskErrors": 0}
+        self.on_job_end = None              # called with (name, uuid, operation, result)
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
@@ -1237,6 +1280,8 @@ class Sampler(object):
             stats = self.kept(stats)
             if uuid in fulls:
                 stats = self.fill_in(uuid, stats, started)
+                if is_paused(stats, (PAUSED_IOERROR,)):
+                    stats.update(self.disk_errors(dom, stats))
                 self.full_records[uuid] = (stats, started)
             else:
                 stats = self.carried(uuid, stats, started)
@@ -1251,6 +1296,7 @@ class Sampler(object):
             domains.append((uuid, dom.name(), stats))
         if fallback:
             duration += self.read_fallback(conn, domains, fallback)
+        duration += self.read_jobs(domains, handles, fulls)
         self.busy_seconds += duration
         self.hypervisor.answered()
         sample = Sample(self.latest.seq + 1, started, duration, domains,
@@ -1292,6 +1338,71 @@ class Sampler(object):
             if i is not None:
                 domains[i][2].update(self.kept(stats))
         return spent
+
+    def read_jobs(self, domains, handles, fulls):
+        """jobStats() of the domains that have a job, into their records as job.*;
+        returns the calls' duration.
+
+        libvirt tells of no job's start, so the signs of one are used: a
+        migration's iteration event (its first comes as it starts), a pause
+        for a migration, save, dump or snapshot (the fast tier sees the state
+        every round), and a full read that came back partial (a job holds the
+        domain).  A domain stays read while jobStats() says a job runs: no
+        call at all while no domain has a job."""
+        hints, self.job_hints = self.job_hints, set()
+        spent = 0.0
+        for i, (uuid, name, stats) in enumerate(domains):
+            paused = is_paused(stats, JOB_PAUSE_REASONS)
+            if self.idle_pauses.get(uuid) not in (None, stats.get("state.reason")) or not paused:
+                self.idle_pauses.pop(uuid, None)
+            paused = paused and uuid not in self.idle_pauses
+            if not (uuid in self.jobs or uuid in hints or paused
+                    or (uuid in fulls and stats.get("vadvisor.stale"))):
+                continue
+            clock = time.monotonic()
+            job = self.job_call(handles[uuid].jobStats)
+            if paused and not job.get("type"):
+                self.idle_pauses[uuid] = stats.get("state.reason")   # left paused: ask once
+            ended = self.jobs.pop(uuid, None) if not job.get("type") else None
+            if ended is not None:
+                self.job_ended(name, uuid, handles[uuid], ended)
+            elif job.get("type"):
+                self.jobs[uuid] = job
+                domains[i] = (uuid, name, dict(stats, **job_keys(job)))
+            spent += time.monotonic() - clock
+        return spent
+
+    def job_ended(self, name, uuid, dom, running):
+        """A job seen running has gone: a failed or cancelled one is counted
+        here (a completed one comes as a JobCompleted event)."""
+        last = self.job_call(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED"))
+        result = JOB_ENDED.get(last.get("type"))
+        if result is not None and self.on_job_end is not None:
+            operation = last.get("operation", running.get("operation"))
+            self.on_job_end(name, uuid, enum_name(JOB_OPERATIONS, operation), result)
+
+    def job_call(self, call, *args):
+        """A job-statistics call (jobStats, diskErrors): its reply, or {} when the
+        domain went or libvirt refused (logged at debug: a domain may go any time)."""
+        self.job_calls[call.__name__] += 1
+        try:
+            reply = self.bounded(call, *args)
+        except (libvirt.libvirtError, Stuck) as exc:
+            log.debug("%s: %s", call.__name__, exc)
+            return {}
+        return reply if isinstance(reply, dict) else {}
+
+    def disk_errors(self, dom, stats):
+        """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
+        read only for a domain paused by an I/O error (at its full reads)."""
+        found = {}
+        targets = dict((stats.get("block.%d.name" % i), i)
+                       for i in range(int(stats.get("block.count", 0))))
+        for device, code in self.job_call(dom.diskErrors).items():
+            if code and device in targets:
+                error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
+                found["block.%d.error.%s" % (targets[device], error)] = 1
+        return found
 
     def carried(self, uuid, stats, now):
         """A fast record: the fast tier's values over the domain's newest full record,
@@ -1408,7 +1519,8 @@ class Sampler(object):
 
         Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
-        for kept in (self.complete, self.full_records, self.due, self.kernel_values):
+        for kept in (self.complete, self.full_records, self.due, self.kernel_values, self.jobs,
+                     self.idle_pauses):
             for uuid in [u for u in kept if u not in present]:
                 del kept[uuid]
         if self.kernel is not None:
@@ -1590,12 +1702,18 @@ class Row(object):
         self.regex = compile_field(field)
 
 
+# Placeholders that stand for a word, not an index: <stat> goes into the name,
+# <error> becomes its label's value as it is.
+WORD_PLACEHOLDERS = ("stat", "error")
+
+
 def compile_field(field):
     """'net.<interface>.rx.bytes' -> a regex with a named group per placeholder."""
     parts = re.split(r"<(\w+)>", field)
     for i in range(1, len(parts), 2):
         word = parts[i]
-        parts[i] = "(?P<stat>[A-Za-z0-9_-]+)" if word == "stat" else "(?P<%s>[0-9]+)" % word
+        parts[i] = ("(?P<%s>[A-Za-z0-9_-]+)" if word in WORD_PLACEHOLDERS
+                    else "(?P<%s>[0-9]+)") % word
     for i in range(0, len(parts), 2):
         parts[i] = re.escape(parts[i])
     return re.compile("^" + "".join(parts) + "$")
@@ -1715,6 +1833,50 @@ METRICS = (
       "diskio[].allocation", "Highest allocated offset in the disk image, in bytes."),
     R("block.<device>.physical", "vm_disk_physical_bytes", GAUGE, 1, ("device",),
       "diskio[].physical", "Size of the disk image on the host, in bytes."),
+    # Set by the sampler from diskErrors(), for a domain paused by an I/O error.
+    R("block.<device>.error.<error>", "vm_disk_error", GAUGE, 1, ("device", "error"), None,
+      "1 for each disk libvirt reports an error on (error: unspec, no_space) while the "
+      "domain is paused by an I/O error."),
+    # -- the running job (jobStats(), while the domain has one) ------------------
+    R("job.type", "vm_job_type", GAUGE, 1, (), None,
+      "The domain's running job: 1 bounded (its end is known), 2 unbounded."),
+    R("job.operation", "vm_job_operation", GAUGE, 1, (), None,
+      "What the running job does: 1 start, 2 save, 3 restore, 4 incoming migration, "
+      "5 outgoing migration, 6 snapshot, 7 snapshot revert, 8 dump, 9 backup, 10 snapshot delete."),
+    R("job.time_elapsed", "vm_job_elapsed_seconds", GAUGE, 1e-3, (), None,
+      "Time since the running job started."),
+    R("job.time_elapsed_net", "vm_job_elapsed_net_seconds", GAUGE, 1e-3, (), None,
+      "Time since the running job started, without the time the hosts' clocks differ by."),
+    R("job.time_remaining", "vm_job_remaining_seconds", GAUGE, 1e-3, (), None,
+      "Time the running job expects still to take (bounded jobs)."),
+    R("job.downtime", "vm_job_downtime_seconds", GAUGE, 1e-3, (), None,
+      "The running migration's downtime, expected or, after the switch-over, real."),
+    R("job.downtime_net", "vm_job_downtime_net_seconds", GAUGE, 1e-3, (), None,
+      "The running migration's downtime, without the time the hosts' clocks differ by."),
+    R("job.setup_time", "vm_job_setup_seconds", GAUGE, 1e-3, (), None,
+      "Time the running migration took to set up."),
+    R("job.data_total", "vm_job_data_total_bytes", GAUGE, 1, (), None,
+      "Bytes the running job has to move in all (memory and disks)."),
+    R("job.data_processed", "vm_job_data_processed_bytes", GAUGE, 1, (), None,
+      "Bytes the running job has moved."),
+    R("job.data_remaining", "vm_job_data_remaining_bytes", GAUGE, 1, (), None,
+      "Bytes the running job has still to move."),
+    R("job.memory_total", "vm_job_memory_total_bytes", GAUGE, 1, (), None,
+      "Guest memory the running job has to move, in bytes."),
+    R("job.memory_processed", "vm_job_memory_processed_bytes", GAUGE, 1, (), None,
+      "Guest memory the running job has moved, in bytes (pages sent again count again)."),
+    R("job.memory_remaining", "vm_job_memory_remaining_bytes", GAUGE, 1, (), None,
+      "Guest memory the running job has still to move, in bytes."),
+    # memory_dirty_rate is in pages: the sampler multiplies it by memory_page_size.
+    R("job.memory_dirty_rate_bytes", "vm_job_memory_dirty_rate_bytes_per_second", GAUGE, 1, (),
+      None, "Guest memory dirtied per second during the running migration, in bytes."),
+    R("job.memory_iteration", "vm_job_memory_iteration", GAUGE, 1, (), None,
+      "Pass of the running migration over the guest's memory (1 is the first full copy)."),
+    R("job.memory_bps", "vm_job_memory_bandwidth_bytes_per_second", GAUGE, 1, (), None,
+      "Rate the running migration moves memory at, in bytes per second."),
+    R("job.<stat>", "vm_job_<stat>", GAUGE, 1, (), None,
+      "Field <stat> of the running job's statistics (libvirt jobStats()); '_bps' fields in "
+      "bytes per second."),
     # -- opt-in groups (--collect), mapped by rule -------------------------------
     R("dirtyrate.calc_status", "vm_dirtyrate_calc_status", GAUGE, 1, (), None,
       "Dirty page rate measurement status: 0 unstarted, 1 measuring, 2 measured.", requires="dirtyrate"),
@@ -1799,10 +1961,12 @@ def parse_json_place(place):
 
 
 def kvm_stat_name(stat, scale):
-    """KVM and iothread stat names to Prometheus words; '*_ns' stats become seconds."""
+    """Stat names of the rules to Prometheus words: '*_ns' become seconds, '*_bps' bytes per second."""
     stat = re.sub(r"[^a-zA-Z0-9_]", "_", stat)
     if stat.endswith("_ns"):
         return stat[:-3] + "_seconds", NS
+    if stat.endswith("_bps"):       # the job's statistics' rates
+        return stat[:-4] + "_bytes_per_second", scale
     return stat, scale
 
 
@@ -1831,13 +1995,19 @@ class MetricTable(object):
         return cached(self.cache, key, lambda: tuple(self._resolve(key)), 200000)
 
     def _resolve(self, key):
+        """The rows a key matches; a rule (<stat>) only where no row named it."""
+        named = False
         for row in self.rows:
             match = row.regex.match(key)
             if match is None:
                 continue
             groups = match.groupdict()
             name, scale, help_text = row.name, row.scale, row.help
-            if "stat" in groups:
+            if "stat" not in groups:
+                named = True
+            elif named:
+                continue
+            else:
                 word, scale = kvm_stat_name(groups["stat"], scale)
                 name = name.replace("<stat>", word)
                 help_text = help_text.replace("<stat>", groups["stat"])
@@ -2314,9 +2484,9 @@ def statsd_metric(family):
 
 
 def statsd_device(devices):
-    """'vda', 'cpu0', 'mon0.node1': the device part of a key or tag."""
-    return ".".join(statsd_word(value) if label in NAMED_DEVICES else label + value
-                    for label, value in devices)
+    """'vda', 'cpu0', 'mon0.node1', 'vda.unspec': the device part of a key or tag."""
+    return ".".join(statsd_word(value) if label in NAMED_DEVICES or label in WORD_PLACEHOLDERS
+                    else label + value for label, value in devices)
 
 
 def statsd_value(number):
@@ -2508,6 +2678,19 @@ EVENT_FAMILIES = (
      "ControlError", ()),
     ("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
      "MemoryFailure", ("action",)),
+    ("vm_jobs_completed_total", "Jobs that ended, by operation and result (completed: a "
+     "JobCompleted event; failed, cancelled: a running job the sampler saw end so).",
+     "JobCompleted", ("operation", "result")),
+)
+# Gauges of the domain's latest JobCompleted event: (family, help, its field, divisor
+# from libvirt's unit, ms; 0: none).
+LAST_JOB_FAMILIES = (
+    ("vm_last_job_downtime_seconds", "Downtime of the domain's latest completed migration.",
+     "downtime", 1000),
+    ("vm_last_job_elapsed_seconds", "Time the domain's latest completed job took.",
+     "time_elapsed", 1000),
+    ("vm_last_job_data_bytes", "Bytes the domain's latest completed job moved.",
+     "data_processed", 0),
 )
 
 
@@ -2520,9 +2703,9 @@ def event_series(event_type, details):
         elif counted == event_type:
             # device: the disk's target, as in the disk families, where the event's
             # alias could be resolved (see disk_target)
-            found.append((family, tuple((l, str(details.get("target" if l == "device" and
-                                                            "target" in details else l, "")))
-                                        for l in labels)))
+            found.append((family, tuple((l, str(details.get(
+                "target" if l == "device" and "target" in details else l,
+                "completed" if l == "result" else ""))) for l in labels)))
     return found
 
 
@@ -2615,6 +2798,7 @@ class EventHub(object):
         self.counts = dict((name, 0) for name in ALL_EVENT_TYPES + ("Unknown",))
         self.changed = {}       # uuid -> when its latest lifecycle event came (Unix time)
         self.tallies = {}       # uuid -> (name, {(family, labels): count}) for vm_*_total
+        self.last_jobs = {}     # uuid -> the details of its latest JobCompleted event
         self.closing = False
 
     def publish(self, name, uuid, event, detail):
@@ -2644,17 +2828,26 @@ class EventHub(object):
                 cached(self.changed, uuid, lambda: 0.0)     # bounded however domains come and go
                 self.changed[uuid] = item.ms / 1000.0
             self.counts[event_type] = self.counts.get(event_type, 0) + 1
-            self._tally(name, uuid, event_type, details or {})
+            self._tally(name, uuid, event_series(event_type, details or {}))
+            if event_type == "JobCompleted":
+                cached(self.last_jobs, uuid, dict)
+                self.last_jobs[uuid] = details
             for subscriber in self.subscribers:
                 subscriber.offer(item)
         log.debug("event %s", item.json)
         return item
 
-    def _tally(self, name, uuid, event_type, details):
+    def _tally(self, name, uuid, series):
         counts = cached(self.tallies, uuid, lambda: (name, {}))[1]
         self.tallies[uuid] = (name, counts)
-        for family, labels in event_series(event_type, details):
+        for family, labels in series:
             counts[(family, labels)] = counts.get((family, labels), 0) + 1
+
+    def job_ended(self, name, uuid, operation, result):
+        """A job that ended without a JobCompleted event (failed, cancelled)."""
+        with self.lock:
+            self._tally(name, uuid, [("vm_jobs_completed_total",
+                                      (("operation", operation), ("result", result)))])
 
     def _expire(self, now):
         horizon = (now - self.max_age) * 1000
@@ -2780,13 +2973,17 @@ class Agent(object):
         return head + compressor.compress(tail) + compressor.flush()
 
     def event_counters(self, sample, openmetrics):
-        """The vm_*_total families of events, for the sample's domains."""
+        """The vm_*_total families of events and the vm_last_job_* gauges, for the
+        sample's domains and those gone within --down-minutes (a domain that
+        migrated away keeps its migration's figures that long)."""
         with self.hub.lock:
             tallies = dict((u, dict(c)) for u, (_, c) in self.hub.tallies.items())
+            last_jobs = dict(self.hub.last_jobs)
+        domains = [(uuid, name) for uuid, name, _ in sample.domains] + list(sample.gone)
         families = []
         for family, help_text, _, labels in EVENT_FAMILIES:
             rows = []
-            for uuid, name, _ in sample.domains:
+            for uuid, name in domains:
                 counts = tallies.get(uuid, {})
                 found = [(l, n) for (f, l), n in sorted(counts.items()) if f == family]
                 if not found and not labels:
@@ -2794,6 +2991,12 @@ class Agent(object):
                 rows += [((("uuid", uuid), ("name", name)) + l, n) for l, n in found]
             if rows:
                 families.append((family, COUNTER, help_text, rows))
+        for family, help_text, field, divisor in LAST_JOB_FAMILIES:
+            rows = [((("uuid", uuid), ("name", name)), scaled(last_jobs[uuid][field], 1, divisor))
+                    for uuid, name in domains
+                    if type(last_jobs.get(uuid, {}).get(field)) in (int, float)]
+            if rows:
+                families.append((family, GAUGE, help_text, rows))
         return render_families(families, openmetrics)
 
     def state_changes(self, sample, openmetrics):
@@ -2849,6 +3052,10 @@ class Agent(object):
             ("vadvisor_libvirt_calls_total", COUNTER,
              "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
              [((), s.calls_total)]),
+            ("vadvisor_libvirt_job_calls_total", COUNTER,
+             "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
+             "(diskErrors): none while no domain has either.",
+             [((("call", call),), n) for call, n in sorted(s.job_calls.items())]),
             ("vadvisor_sample_errors_total", COUNTER,
              "Samples that failed: a libvirt error or no answer.", [((), s.errors_total)]),
             ("vadvisor_libvirt_timeouts_total", COUNTER,
@@ -3784,6 +3991,8 @@ def main(argv=None):
             if target:
                 details["target"] = target
         hub.record(name, uuid, event_type, reason, details)
+        if event_type == "MigrationIteration":
+            sampler.job_hints.add(uuid)     # a migration runs: its progress every round
         if event_type in XML_CHANGE_EVENTS:
             sampler.specs.mark(uuid)    # metadata or devices changed
             sampler.refresh.add(uuid)   # a device's counters too: a full read next round
@@ -3820,6 +4029,7 @@ def main(argv=None):
              VERSION, server.server_address[1], args.connect)
     notifier.ready(agent.status())      # the port is bound: READY before any beat
     sampler.heartbeat = lambda: notifier.beat(agent.status)
+    sampler.on_job_end = hub.job_ended
     sampler.start()
     if statsd is not None:
         statsd.start()
