@@ -2871,6 +2871,44 @@ class MigrationTests(unittest.TestCase):
                                 operation="migration-out", result="completed"), [1])
         self.assertEqual(values(fams, "vm_job_data_remaining_bytes", uuid=uuid), [])
 
+    def test_a_cancelled_migration_is_counted_as_not_completed(self):
+        """libvirt sends no JobCompleted for a job that did not complete, and 9.0
+        keeps no record of a cancelled migration: the agent sees the job it read
+        end with no JobCompleted event and counts it as failed."""
+        name = PREFIX + "abort"
+        agent = Agent("--interval", "0.5")
+        guest = slow_migration_guest(self.conn, name)
+        uuid = guest.UUIDString()
+        try:
+            proc = start_migration(name, SYSTEM_URI, HostB.RW_URI, bandwidth=1)
+            self.assertTrue(wait_for(lambda: job_progress(agent, uuid) is not None, 20),
+                            agent.output())
+            subprocess.run(["virsh", "-c", SYSTEM_URI, "domjobabort", name], check=True,
+                           stdout=subprocess.DEVNULL)
+            proc.wait(60)
+            self.assertNotEqual(proc.returncode, 0)
+
+            def counted():
+                fams = agent.metrics(self)
+                return fams if values(fams, "vm_jobs_completed_total", uuid=uuid,
+                                      operation="migration-out", result="failed") else None
+            fams = wait_for(counted, 15)
+            self.assertTrue(fams, agent.get("/metrics")[2].decode()[-3000:])
+            self.assertEqual(values(fams, "vm_jobs_completed_total", uuid=uuid,
+                                    operation="migration-out", result="failed"), [1])
+            self.assertEqual(values(fams, "vm_jobs_completed_total", uuid=uuid,
+                                    result="completed"), [])
+            self.assertEqual(values(fams, "vm_up", uuid=uuid), [1])     # still here
+            self.assertEqual(values(fams, "vm_job_type", uuid=uuid), [])
+            calls = values(fams, "vadvisor_libvirt_job_calls_total", call="jobStats")[0]
+            self.assertTrue(wait_for(lambda: values(agent.metrics(self), "vadvisor_samples_total")[0]
+                                     >= values(fams, "vadvisor_samples_total")[0] + 4, 15))
+            self.assertEqual(values(agent.metrics(self), "vadvisor_libvirt_job_calls_total",
+                                    call="jobStats"), [calls])      # no job, no more calls
+        finally:
+            agent.stop()
+            guest.destroy()
+
     def mine(self, stream, name):
         return [e for e in stream.events() if e["domain_name"] == name]
 
@@ -4679,6 +4717,15 @@ class DomainEventTests(unittest.TestCase):
         promtool_check(self, self.agent.get("/metrics")[2])
 
 
+def listening(port):
+    """True once something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 NBD_GUEST = """<domain type='%(type)s'>
   <name>%(name)s</name>
   <memory unit='MiB'>32</memory>
@@ -4776,6 +4823,15 @@ class JobEventTests(unittest.TestCase):
         self.assertEqual(values(fams, "vm_last_job_data_bytes", name=name), [job["data_processed"]])
         self.assertEqual(values(fams, "vm_last_job_downtime_seconds", name=name),
                          [job["downtime"] / 1000.0])
+        # the agent saw the save's job end; its JobCompleted event says how: not
+        # counted again as a job that did not complete, however long one waits
+        seen = values(fams, "vadvisor_samples_total")[0]
+        self.assertTrue(wait_for(lambda: values(self.agent.metrics(self), "vadvisor_samples_total")[0]
+                                 >= seen + 2 * vadvisor.JOB_EVENT_WAIT / 0.5 + 2, 30))
+        fams = self.agent.metrics(self)
+        self.assertEqual(values(fams, "vm_jobs_completed_total", name=name, result="failed"), [])
+        self.assertGreaterEqual(values(fams, "vadvisor_libvirt_job_calls_total",
+                                       call="jobStats")[0], 1)
         promtool_check(self, self.agent.get("/metrics")[2])
 
     def test_block_copy_and_pull_are_block_jobs(self):
@@ -4812,8 +4868,7 @@ class JobEventTests(unittest.TestCase):
             # event and its remote side drops IO_ERROR (a null string cannot be sent)
             xml = NBD_GUEST % {"type": "kvm" if kvm else "qemu", "name": name,
                                "export": "vadt-disk", "port": port}
-            self.assertTrue(wait_for(lambda: socket.create_connection(("127.0.0.1", port)).close()
-                                     or True, 10))
+            self.assertTrue(wait_for(lambda: listening(port), 10), "nbdkit did not start")
             dom = Bench.conn.createXML(xml, 0)
             self.wait_events(stream, name, [("Started", "Booted")])
             open(flag, "w").close()

@@ -81,6 +81,7 @@ JOB_TYPES = ("none", "bounded", "unbounded", "completed", "failed", "cancelled")
 JOB_OPERATIONS = ("unknown", "start", "save", "restore", "migration-in", "migration-out",
                   "snapshot", "snapshot-revert", "dump", "backup", "snapshot-delete")
 JOB_ENDED = {4: "failed", 5: "cancelled"}   # a completed one comes as a JobCompleted event
+JOB_EVENT_WAIT = 3.0        # seconds a JobCompleted event may come after its job ended
 # virDomainDiskErrorCode: what diskErrors() says of a disk.
 DISK_ERRORS = ("none", "unspec", "no_space")
 
@@ -1166,6 +1167,117 @@ class SpecCache(object):
         return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
 
 
+class JobWatch(object):
+    """The domains' running jobs (migration, save, dump, snapshot): jobStats() of
+    each domain that has one, every fast round, and how each job ended.
+
+    libvirt tells of no job's start, so the signs of one are used: a
+    migration's iteration event (its first comes as it starts), a pause for a
+    migration, save, dump or snapshot (the fast tier sees the state every
+    round), and a full read that came back partial (a job holds the domain).
+    A domain is read while jobStats() says a job runs: no call at all while no
+    domain has a job.  Runs on the sampler's thread; hints come from the
+    event loop's.
+    """
+
+    def __init__(self, call):
+        self.call = call                    # Sampler.bounded
+        self.running = {}                   # uuid -> (jobStats() of its job, first seen, Unix)
+        self.hints = set()                  # uuids an event says may have a job
+        self.idle_pauses = {}               # uuid -> the pause reason jobStats() found no job in
+        self.ending = {}                    # uuid -> (name, operation, seen, ended at, monotonic)
+        self.calls = {"jobStats": 0, "diskErrors": 0}
+        self.on_end = None                  # (name, uuid, operation, result)
+        self.completed_since = None         # (uuid, Unix time): a JobCompleted event came since?
+
+    def read(self, domains, handles, fulls):
+        """Adds the job.* keys of the domains with a job to their records in
+        domains; returns the calls' duration."""
+        hints, self.hints = self.hints, set()
+        spent = 0.0
+        for i, (uuid, name, stats) in enumerate(domains):
+            paused = self.paused_for_job(uuid, stats)
+            if not (uuid in self.running or uuid in hints or paused
+                    or (uuid in fulls and stats.get("vadvisor.stale"))):
+                continue
+            clock = time.monotonic()
+            job = self.stats(handles[uuid].jobStats)
+            if job.get("type"):
+                seen = self.running.get(uuid, (None, time.time()))[1]
+                self.running[uuid] = (job, seen)
+                domains[i] = (uuid, name, dict(stats, **job_keys(job)))
+            else:
+                if paused:
+                    self.idle_pauses[uuid] = stats.get("state.reason")   # ask once
+                if uuid in self.running:
+                    self.ended(name, uuid, handles[uuid], *self.running.pop(uuid))
+            spent += time.monotonic() - clock
+        self.settle()
+        return spent
+
+    def paused_for_job(self, uuid, stats):
+        """True for a domain paused by a job's kind of pause that was not found idle."""
+        paused = is_paused(stats, JOB_PAUSE_REASONS)
+        if not paused or self.idle_pauses.get(uuid) not in (None, stats.get("state.reason")):
+            self.idle_pauses.pop(uuid, None)
+        return paused and uuid not in self.idle_pauses
+
+    def ended(self, name, uuid, dom, running, seen):
+        """A job seen running has gone.  A completed one comes as a JobCompleted
+        event; libvirt's record says when one failed or was cancelled, and where
+        it keeps none (libvirt 9.0 keeps none of a cancelled migration), a job
+        with no JobCompleted event a little later did not complete."""
+        last = self.stats(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED"))
+        operation = enum_name(JOB_OPERATIONS, last.get("operation", running.get("operation")))
+        result = JOB_ENDED.get(last.get("type"))
+        if result is not None:
+            self.report(name, uuid, operation, result)
+        elif last.get("type") != 3:
+            self.ending[uuid] = (name, operation, seen, time.monotonic())
+
+    def settle(self):
+        """Decides the jobs that ended with no record, once their event had time to come."""
+        now = time.monotonic()
+        for uuid, (name, operation, seen, ended) in list(self.ending.items()):
+            if now - ended >= JOB_EVENT_WAIT:
+                del self.ending[uuid]
+                if self.completed_since is None or not self.completed_since(uuid, seen):
+                    self.report(name, uuid, operation, "failed")
+
+    def report(self, name, uuid, operation, result):
+        if self.on_end is not None:
+            self.on_end(name, uuid, operation, result)
+
+    def stats(self, call, *args):
+        """A job-statistics call (jobStats, diskErrors): its reply, or {} when the
+        domain went or libvirt refused (logged at debug: a domain may go any time)."""
+        self.calls[call.__name__] += 1
+        try:
+            reply = self.call(call, *args)
+        except (libvirt.libvirtError, Stuck) as exc:
+            log.debug("%s: %s", call.__name__, exc)
+            return {}
+        return reply if isinstance(reply, dict) else {}
+
+    def disk_errors(self, dom, stats):
+        """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
+        read only for a domain paused by an I/O error (at its full reads)."""
+        found = {}
+        targets = dict((stats.get("block.%d.name" % i), i)
+                       for i in range(int(stats.get("block.count", 0))))
+        for device, code in self.stats(dom.diskErrors).items():
+            if code and device in targets:
+                error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
+                found["block.%d.error.%s" % (targets[device], error)] = 1
+        return found
+
+    def keep_only(self, present):
+        """Forgets the domains libvirt no longer has (a job's end is still decided)."""
+        for kept in (self.running, self.idle_pauses):
+            for uuid in [u for u in kept if u not in present]:
+                del kept[uuid]
+
+
 class Sampler(object):
     """Takes the samples, in two tiers, on one thread.
 
@@ -1230,13 +1342,7 @@ class Sampler(object):
         self.due = {}
         self.rolling = self.full_interval > interval
         self.full_reads_total = 0           # domains read with every group
-        # Running jobs: the domains whose jobStats() is read every round, and
-        # the domains an event says may have one (a migration's first iteration).
-        self.jobs = {}                      # uuid -> the latest jobStats() of its job
-        self.job_hints = set()
-        self.idle_pauses = {}               # uuid -> the pause reason jobStats() found no job in
-        self.job_calls = {"jobStats": 0, "diskErrors": 0}
-        self.on_job_end = None              # called with (name, uuid, operation, result)
+        self.jobs = JobWatch(self.bounded)
         self.wakeup = threading.Event()
         self.new_sample = threading.Condition()
         self.stopping = threading.Event()
@@ -1281,7 +1387,7 @@ class Sampler(object):
             if uuid in fulls:
                 stats = self.fill_in(uuid, stats, started)
                 if is_paused(stats, (PAUSED_IOERROR,)):
-                    stats.update(self.disk_errors(dom, stats))
+                    stats.update(self.jobs.disk_errors(dom, stats))
                 self.full_records[uuid] = (stats, started)
             else:
                 stats = self.carried(uuid, stats, started)
@@ -1296,7 +1402,7 @@ class Sampler(object):
             domains.append((uuid, dom.name(), stats))
         if fallback:
             duration += self.read_fallback(conn, domains, fallback)
-        duration += self.read_jobs(domains, handles, fulls)
+        duration += self.jobs.read(domains, handles, fulls)
         self.busy_seconds += duration
         self.hypervisor.answered()
         sample = Sample(self.latest.seq + 1, started, duration, domains,
@@ -1338,71 +1444,6 @@ class Sampler(object):
             if i is not None:
                 domains[i][2].update(self.kept(stats))
         return spent
-
-    def read_jobs(self, domains, handles, fulls):
-        """jobStats() of the domains that have a job, into their records as job.*;
-        returns the calls' duration.
-
-        libvirt tells of no job's start, so the signs of one are used: a
-        migration's iteration event (its first comes as it starts), a pause
-        for a migration, save, dump or snapshot (the fast tier sees the state
-        every round), and a full read that came back partial (a job holds the
-        domain).  A domain stays read while jobStats() says a job runs: no
-        call at all while no domain has a job."""
-        hints, self.job_hints = self.job_hints, set()
-        spent = 0.0
-        for i, (uuid, name, stats) in enumerate(domains):
-            paused = is_paused(stats, JOB_PAUSE_REASONS)
-            if self.idle_pauses.get(uuid) not in (None, stats.get("state.reason")) or not paused:
-                self.idle_pauses.pop(uuid, None)
-            paused = paused and uuid not in self.idle_pauses
-            if not (uuid in self.jobs or uuid in hints or paused
-                    or (uuid in fulls and stats.get("vadvisor.stale"))):
-                continue
-            clock = time.monotonic()
-            job = self.job_call(handles[uuid].jobStats)
-            if paused and not job.get("type"):
-                self.idle_pauses[uuid] = stats.get("state.reason")   # left paused: ask once
-            ended = self.jobs.pop(uuid, None) if not job.get("type") else None
-            if ended is not None:
-                self.job_ended(name, uuid, handles[uuid], ended)
-            elif job.get("type"):
-                self.jobs[uuid] = job
-                domains[i] = (uuid, name, dict(stats, **job_keys(job)))
-            spent += time.monotonic() - clock
-        return spent
-
-    def job_ended(self, name, uuid, dom, running):
-        """A job seen running has gone: a failed or cancelled one is counted
-        here (a completed one comes as a JobCompleted event)."""
-        last = self.job_call(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED"))
-        result = JOB_ENDED.get(last.get("type"))
-        if result is not None and self.on_job_end is not None:
-            operation = last.get("operation", running.get("operation"))
-            self.on_job_end(name, uuid, enum_name(JOB_OPERATIONS, operation), result)
-
-    def job_call(self, call, *args):
-        """A job-statistics call (jobStats, diskErrors): its reply, or {} when the
-        domain went or libvirt refused (logged at debug: a domain may go any time)."""
-        self.job_calls[call.__name__] += 1
-        try:
-            reply = self.bounded(call, *args)
-        except (libvirt.libvirtError, Stuck) as exc:
-            log.debug("%s: %s", call.__name__, exc)
-            return {}
-        return reply if isinstance(reply, dict) else {}
-
-    def disk_errors(self, dom, stats):
-        """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
-        read only for a domain paused by an I/O error (at its full reads)."""
-        found = {}
-        targets = dict((stats.get("block.%d.name" % i), i)
-                       for i in range(int(stats.get("block.count", 0))))
-        for device, code in self.job_call(dom.diskErrors).items():
-            if code and device in targets:
-                error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
-                found["block.%d.error.%s" % (targets[device], error)] = 1
-        return found
 
     def carried(self, uuid, stats, now):
         """A fast record: the fast tier's values over the domain's newest full record,
@@ -1519,8 +1560,8 @@ class Sampler(object):
 
         Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
-        for kept in (self.complete, self.full_records, self.due, self.kernel_values, self.jobs,
-                     self.idle_pauses):
+        self.jobs.keep_only(present)
+        for kept in (self.complete, self.full_records, self.due, self.kernel_values):
             for uuid in [u for u in kept if u not in present]:
                 del kept[uuid]
         if self.kernel is not None:
@@ -2679,7 +2720,7 @@ EVENT_FAMILIES = (
     ("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
      "MemoryFailure", ("action",)),
     ("vm_jobs_completed_total", "Jobs that ended, by operation and result (completed: a "
-     "JobCompleted event; failed, cancelled: a running job the sampler saw end so).",
+     "JobCompleted event; failed, cancelled: a running job the sampler saw end without one).",
      "JobCompleted", ("operation", "result")),
 )
 # Gauges of the domain's latest JobCompleted event: (family, help, its field, divisor
@@ -2799,6 +2840,7 @@ class EventHub(object):
         self.changed = {}       # uuid -> when its latest lifecycle event came (Unix time)
         self.tallies = {}       # uuid -> (name, {(family, labels): count}) for vm_*_total
         self.last_jobs = {}     # uuid -> the details of its latest JobCompleted event
+        self.completed_at = {}  # uuid -> when it came (Unix time)
         self.closing = False
 
     def publish(self, name, uuid, event, detail):
@@ -2831,7 +2873,9 @@ class EventHub(object):
             self._tally(name, uuid, event_series(event_type, details or {}))
             if event_type == "JobCompleted":
                 cached(self.last_jobs, uuid, dict)
+                cached(self.completed_at, uuid, float)
                 self.last_jobs[uuid] = details
+                self.completed_at[uuid] = now
             for subscriber in self.subscribers:
                 subscriber.offer(item)
         log.debug("event %s", item.json)
@@ -2848,6 +2892,11 @@ class EventHub(object):
         with self.lock:
             self._tally(name, uuid, [("vm_jobs_completed_total",
                                       (("operation", operation), ("result", result)))])
+
+    def job_completed_since(self, uuid, when):
+        """True when a JobCompleted event for the domain came at or after when (Unix)."""
+        with self.lock:
+            return self.completed_at.get(uuid, 0) >= when
 
     def _expire(self, now):
         horizon = (now - self.max_age) * 1000
@@ -3055,7 +3104,7 @@ class Agent(object):
             ("vadvisor_libvirt_job_calls_total", COUNTER,
              "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
              "(diskErrors): none while no domain has either.",
-             [((("call", call),), n) for call, n in sorted(s.job_calls.items())]),
+             [((("call", call),), n) for call, n in sorted(s.jobs.calls.items())]),
             ("vadvisor_sample_errors_total", COUNTER,
              "Samples that failed: a libvirt error or no answer.", [((), s.errors_total)]),
             ("vadvisor_libvirt_timeouts_total", COUNTER,
@@ -3992,7 +4041,7 @@ def main(argv=None):
                 details["target"] = target
         hub.record(name, uuid, event_type, reason, details)
         if event_type == "MigrationIteration":
-            sampler.job_hints.add(uuid)     # a migration runs: its progress every round
+            sampler.jobs.hints.add(uuid)    # a migration runs: its progress every round
         if event_type in XML_CHANGE_EVENTS:
             sampler.specs.mark(uuid)    # metadata or devices changed
             sampler.refresh.add(uuid)   # a device's counters too: a full read next round
@@ -4029,7 +4078,8 @@ def main(argv=None):
              VERSION, server.server_address[1], args.connect)
     notifier.ready(agent.status())      # the port is bound: READY before any beat
     sampler.heartbeat = lambda: notifier.beat(agent.status)
-    sampler.on_job_end = hub.job_ended
+    sampler.jobs.on_end = hub.job_ended
+    sampler.jobs.completed_since = hub.job_completed_since
     sampler.start()
     if statsd is not None:
         statsd.start()
