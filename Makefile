@@ -5,6 +5,7 @@
 #   make testbed   install and start libvirtd with QEMU/KVM (root, idempotent)
 #   make bench     speed and memory, as ratios against baselines measured in the same run
 #   make bench-overhead   its hypervisor overhead rows alone
+#   make bench-page       the browser page's rows alone
 #   make hostb / make hostb-stop   a second libvirt host on this machine, for migrations
 #   make demo-migration            the live-migration walkthrough, guided
 
@@ -14,11 +15,11 @@ PORT ?= 8181
 PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev/null 2>&1 && { command -v $$p; exit; }; done; echo /usr/bin/python3)
 
 DEMO_PACKAGES = python3-libvirt libvirt-clients
-BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu nbdkit \
+BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu nbdkit chromium iproute2 \
 	$(if $(shell command -v npm),,nodejs npm) \
 	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
 
-.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench bench-overhead
+.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench bench-overhead bench-page
 
 demo: deps-demo
 	@echo "vadvisor demo on http://localhost:$(PORT)/ (libvirt test:///default); Ctrl-C stops it"
@@ -55,6 +56,10 @@ bench: testbed
 bench-overhead: testbed
 	@$(call apt_install,prometheus-libvirt-exporter)
 	$(PY) test_vadvisor.py --bench-overhead
+
+# The browser page's weight and update cost, at BENCH_GUESTS guests and at 1,000 domains.
+bench-page: testbed
+	$(PY) test_vadvisor.py --bench-page
 
 hostb: testbed
 	$(PY) test_vadvisor.py --hostb start

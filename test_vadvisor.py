@@ -18,6 +18,7 @@ import base64
 import calendar
 import collections
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -3488,6 +3489,75 @@ def bench_overhead_only(guest_count):
     return 0
 
 
+INACTIVE_GUEST = """<domain type='kvm'><name>%s</name><memory unit='MiB'>32</memory>
+<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"""
+
+
+def page_cost(port, domains):
+    """The browser page's weight and the cost of one update with this many domains:
+    the overview's bytes, and in chromium the table's render and a whole update
+    (fetch, parse, render), medians."""
+    page = http_get(port, "/")[2]
+    overview = http_get(port, "/api/v1.0/overview")[2]
+    browser = Browser()
+    try:
+        browser.open("http://127.0.0.1:%d/" % port)
+        assert wait_for(lambda: len(browser.rows()) >= domains, 60, 0.2), "rows never came"
+        render, update = browser.evaluate("""(async function () {
+            var r = [], u = [], s;
+            for (var i = 0; i < 11; i++) { s = performance.now(); render(); r.push(performance.now() - s); }
+            for (var i = 0; i < 7; i++) {
+              view.seq = -1; s = performance.now(); await refresh(); u.push(performance.now() - s); }
+            r.sort(function (a, b) { return a - b; }); u.sort(function (a, b) { return a - b; });
+            return [r[5], u[3]]; })()""")
+    finally:
+        browser.close()
+    return {"page": len(page), "overview": len(overview), "render": render, "update": update}
+
+
+def page_rows(row, label, cost):
+    row("8. browser page, %s: bytes per update; render, whole update" % label,
+        "%.1f KB; %.1f ms, %.1f ms" % (cost["overview"] / 1e3, cost["render"], cost["update"]),
+        "page %.1f KB once" % (cost["page"] / 1e3), "", "", True, "medians in chromium")
+
+
+def bench_page_thousand(count=1000):
+    """The page at 1,000 domains: defined but inactive ones are cheap to make."""
+    conn = Bench.require()
+    Bench.clean()
+    try:
+        for i in range(count):
+            conn.defineXML(INACTIVE_GUEST % ("%sp%04d" % (PREFIX, i)))
+        agent = Agent("--interval", "1")
+        try:
+            return page_cost(agent.port, count)
+        finally:
+            agent.stop()
+    finally:
+        Bench.clean()
+
+
+def bench_page_only():
+    """make bench-page: the page's rows alone, at the bench's guests and at 1,000 domains."""
+    rows = []
+
+    def row(*r):
+        rows.append(r[:5] + ("yes" if r[5] else "NO",) + r[6:])
+    guest_count = int(os.environ.get("BENCH_GUESTS", "40"))
+    Bench.fresh(*[("b%d" % i, 1) for i in range(guest_count)])
+    try:
+        agent = Agent("--interval", "1")
+        try:
+            page_rows(row, "%d guests" % guest_count, page_cost(agent.port, guest_count))
+        finally:
+            agent.stop()
+    finally:
+        Bench.clean()
+    page_rows(row, "1,000 domains", bench_page_thousand())
+    print_rows(rows)
+    return 0
+
+
 def print_rows(rows):
     cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
     print("\nmachine: %d cores (%s), %.0f GiB, Python %s, libvirt %s\n" % (
@@ -3545,6 +3615,11 @@ def bench(guest_count):
             "%.0f%% of the time" % (busy * 100), "", "", "at most 50% (pacing rule)",
             busy <= 0.51, "30 s")
         overhead_rows(row, guest_count, bench_overhead())
+        agent = Agent("--interval", "1")
+        try:
+            page_rows(row, "%d guests" % guest_count, page_cost(agent.port, guest_count))
+        finally:
+            agent.stop()
         latencies, lost, total = bench_event_latency(guests[0])
         row("5. event latency, 100 stream clients",
             "p50 %.1f ms, p99 %.1f ms, lost %d" % (percentile(latencies, 0.5) * 1e3,
@@ -3553,6 +3628,7 @@ def bench(guest_count):
             percentile(latencies, 0.99) <= 0.05 and lost == 0, "%d deliveries" % total)
     finally:
         Bench.clean()
+    page_rows(row, "1,000 domains", bench_page_thousand())
     print_rows(rows)
     return 0
 
@@ -3739,8 +3815,45 @@ class TestDriverAgentTests(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertTrue(headers["Content-Type"].startswith("text/html"))
         for path in ("/metrics", "/healthz", "/api/v1.0/stats/", "/api/v1.0/specs/",
-                     "/api/v1.0/events"):
+                     "/api/v1.0/events", "/api/v1.0/overview"):
             self.assertIn(('href="%s"' % path).encode(), body)
+        self.assertEqual(self.agent.get("/ui")[2], body)
+
+    def test_the_page_is_self_contained(self):
+        """Nothing from another address: every link and fetch is this origin's, and the
+        policy lets only the page's own script and style run."""
+        status, headers, body = self.agent.get("/")
+        page = body.decode()
+        self.assertEqual(re.findall(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""", page),
+                         [h for h in re.findall(r'href="([^"]+)"', page)])
+        for ref in re.findall(r'href="([^"]+)"', page):
+            self.assertTrue(ref.startswith(("/", "#")), ref)
+        for where in re.findall(r'(?:fetch|getJSON|EventSource)\("([^"]*)', page):
+            self.assertTrue(where.startswith("/api/v1.0/"), where)
+        for banned in ("<link", "@import", "url(", "<iframe", "innerHTML", "eval(",
+                       "document.write"):
+            self.assertNotIn(banned, page)
+        policy = headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", policy)
+        script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        self.assertIn("script-src 'sha256-%s'" % digest, policy)
+        self.assertEqual(page.count("<script"), 1)
+
+    def test_overview_has_a_row_per_domain(self):
+        status, headers, body = self.agent.get("/api/v1.0/overview")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        doc = json.loads(body)
+        self.assertEqual(doc["columns"][:5], ["uuid", "name", "state", "stale", "context"])
+        self.assertEqual(len(doc["columns"]), 13)
+        rows = [dict(zip(doc["columns"], values)) for values in doc["domains"]]
+        self.assertEqual([(r["uuid"], r["name"], r["state"]) for r in rows],
+                         [(TEST_UUID, "test", "Running")])
+        self.assertEqual(doc["interval"], float(self.agent.proc.args[self.agent.proc.args.index("--interval") + 1]))
+        status, _, body = self.agent.get("/api/v1.0/overview?x=1")
+        self.assertEqual(status, 400)
+        self.assertIn("x", json.loads(body)["error"])
 
     def test_healthz(self):
         status, headers, body = self.agent.get("/healthz")
@@ -4273,6 +4386,25 @@ class RealLibvirtTests(unittest.TestCase):
                                  [t.get("dev") for t in root.findall("devices/interface/target")])
                 self.assertEqual([d["family"] for d in spec["devices"]],
                                  [d.tag for d in root.find("devices")])
+
+    def test_overview_rows_of_real_guests(self):
+        """The page's table: values of the guests as they were defined, rates from counters."""
+        def rows():
+            doc = json.loads(self.agent.get("/api/v1.0/overview")[2])
+            found = dict((r[1], dict(zip(doc["columns"], r))) for r in doc["domains"])
+            mine = [found.get(PREFIX + "a"), found.get(PREFIX + "b")]
+            return mine if all(r and r["cpu_percent"] is not None and r["rss_bytes"]
+                               for r in mine) else None
+        a, b = wait_for(rows, 15)
+        self.assertEqual((a["vcpus"], b["vcpus"]), (2, 1))
+        self.assertEqual((a["memory_bytes"], b["memory_bytes"]), (32 << 20, 32 << 20))
+        self.assertEqual((a["state"], a["stale"], a["uuid"]), ("Running", 0, self.a.UUIDString()))
+        for row in (a, b):
+            self.assertGreater(row["rss_bytes"], 4 << 20)           # QEMU's own, at least
+            self.assertTrue(0 <= row["cpu_percent"] < 100 * 2 + 50, row)
+            for rate in ("disk_read_bytes_per_second", "disk_write_bytes_per_second",
+                         "network_receive_bytes_per_second", "network_transmit_bytes_per_second"):
+                self.assertGreaterEqual(row[rate], 0, rate)
 
     def test_spec_of_a_new_domain_is_found_at_once(self):
         dom = Bench.guest("new", vcpus=1, start=False)
@@ -4900,6 +5032,464 @@ class JobEventTests(unittest.TestCase):
             server.wait(10)
 
 
+# -----------------------------------------------------------------------------
+# the browser page, in a real browser: headless chromium over the DevTools protocol
+# -----------------------------------------------------------------------------
+
+class WebSocket(object):
+    """A WebSocket client (RFC 6455) in the standard library: text frames, masked
+    as a client's must be, fragments joined, pings answered."""
+
+    def __init__(self, url, timeout=30):
+        parts = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n"
+                           % (parts.path, parts.hostname, parts.port, key)).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise OSError("WebSocket handshake: connection closed")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise OSError("WebSocket handshake refused: %r" % head[:200])
+
+    def exactly(self, count):
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise OSError("WebSocket closed")
+            data += chunk
+        return data
+
+    def send(self, text, opcode=1):
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        length = len(data)
+        if length < 126:
+            header = bytes([0x80 | opcode, 0x80 | length])
+        elif length < 65536:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + length.to_bytes(2, "big")
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 127]) + length.to_bytes(8, "big")
+        mask = os.urandom(4)
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def recv(self):
+        """The next whole text message."""
+        message = b""
+        while True:
+            first, second = self.exactly(2)
+            length = second & 0x7f
+            if length == 126:
+                length = int.from_bytes(self.exactly(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self.exactly(8), "big")
+            payload = self.exactly(length)
+            opcode = first & 0x0f
+            if opcode == 9:
+                self.send(payload, opcode=10)       # pong
+                continue
+            if opcode == 8:
+                raise OSError("WebSocket closed by the browser")
+            message += payload
+            if first & 0x80:
+                return message.decode("utf-8")
+
+    def close(self):
+        self.sock.close()
+
+
+class Browser(object):
+    """Debian's chromium, headless, on a page of this machine only: every other
+    address goes to a proxy that is not there, so nothing leaves the machine."""
+
+    WIDTH, HEIGHT = 1280, 900
+
+    def __init__(self, extra_args=()):
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            missing("chromium is missing (apt-get install chromium)")
+        self.profile = tempfile.mkdtemp(prefix="vadvisor-chromium-")
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=%d" % port,
+             "--user-data-dir=" + self.profile,
+             "--window-size=%d,%d" % (self.WIDTH, self.HEIGHT),
+             "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-default-apps", "--disable-extensions", "--no-pings",
+             "--dns-prefetch-disable", "--disable-breakpad", "--metrics-recording-only",
+             "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+             "about:blank"] + list(extra_args),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        targets = wait_for(lambda: self._targets(port), 60, 0.2)
+        if not targets:
+            self.close()
+            raise AssertionError("chromium's DevTools did not answer")
+        page = [t for t in targets if t.get("type") == "page"][0]
+        self.ws = WebSocket(page["webSocketDebuggerUrl"])
+        self.next_id = 0
+        self.events = []
+        self.call("Emulation.setDeviceMetricsOverride", width=self.WIDTH, height=self.HEIGHT,
+                  deviceScaleFactor=1, mobile=False)
+
+    @staticmethod
+    def _targets(port):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/json/list" % port, timeout=5) as r:
+                found = json.loads(r.read())
+            return found if [t for t in found if t.get("type") == "page"] else None
+        except (OSError, ValueError):
+            return None
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise AssertionError("%s: %s" % (method, message["error"]))
+                return message["result"]
+            self.events.append(message)
+
+    def evaluate(self, expression):
+        """The value of a JavaScript expression in the page (a promise's, awaited)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("%s: %s" % (expression, result["exceptionDetails"]))
+        return result["result"].get("value")
+
+    def open(self, url, headers=None):
+        if headers:
+            self.call("Network.enable")
+            self.call("Network.setExtraHTTPHeaders", headers=headers)
+        self.call("Page.enable")
+        self.call("Page.navigate", url=url)
+        return wait_for(lambda: self.evaluate("document.readyState") == "complete", 30, 0.1)
+
+    def rows(self):
+        """[[uuid, name, state, stale]] of the overview table as rendered."""
+        return self.evaluate(
+            "Array.from(document.querySelectorAll('#overview tbody tr')).map(function (tr) {"
+            " return [tr.dataset.uuid, tr.querySelector('td.name').textContent,"
+            " tr.querySelector('.badge').textContent, !!tr.querySelector('.stale')]; })")
+
+    def screenshot(self):
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+    def close(self):
+        try:
+            self.ws.close()
+        except (AttributeError, OSError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def png_size_and_colours(data):
+    """((width, height), distinct pixel values in a sample of rows) of an 8-bit PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:8], "big")
+    channels = {2: 3, 6: 4}[header[9]]
+    raw = zlib.decompress(idat)
+    stride = width * channels + 1
+    colours = set()
+    previous = bytearray(width * channels)
+    for y in range(height):
+        kind, line = raw[y * stride], bytearray(raw[y * stride + 1:(y + 1) * stride])
+        for x in range(len(line)):          # undo the PNG row filters
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 0xff
+            elif kind == 2:
+                line[x] = (line[x] + up) & 0xff
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 0xff
+            elif kind == 4:
+                p = left + up - corner
+                best = min((abs(p - left), 0, left), (abs(p - up), 1, up),
+                           (abs(p - corner), 2, corner))[2]
+                line[x] = (line[x] + best) & 0xff
+        previous = line
+        if y % 16 == 0:
+            colours.update(bytes(line[i:i + 3]) for i in range(0, len(line), channels))
+    return (width, height), len(colours)
+
+
+HOSTILE_NAME = PREFIX + "<img src=x onerror=window.pwned=1>"
+HOSTILE_GUEST = """<domain type='%(type)s'>
+  <name>%(name)s</name>
+  <title>%(title)s</title>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><memballoon model='virtio'/></devices>
+</domain>
+"""
+
+
+class BrowserTests(unittest.TestCase):
+    """The page at /, in headless chromium, against the agent on real guests."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.guests = Bench.fresh(("ui1", 1), ("ui2", 2))
+        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        from xml.sax.saxutils import escape
+        cls.hostile = Bench.conn.defineXML(HOSTILE_GUEST % {
+            "type": "kvm" if kvm else "qemu", "name": escape(HOSTILE_NAME),
+            "title": escape("<script>window.pwned=2</script>")})
+        cls.hostile.create()
+        cls.agent = Agent("--interval", "0.5")
+        cls.browser = Browser()
+        cls.browser.open("http://127.0.0.1:%d/" % cls.agent.port)
+        names = set(g.name() for g in cls.guests) | {HOSTILE_NAME}
+        if not wait_for(lambda: names <= set(r[1] for r in cls.browser.rows()), 30, 0.2):
+            cls.tearDownClass()
+            raise AssertionError("the page never listed the guests")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+        cls.agent.stop()
+        Bench.clean()
+
+    def test_the_page_lists_the_guests_with_the_states_the_api_gives(self):
+        stats = json.loads(self.agent.get("/api/v1.0/stats/")[2])
+        expected = dict((uuid, history[-1]["state"]) for uuid, history in stats.items())
+        rows = dict((r[0], r[2]) for r in self.browser.rows())
+        mine = [g.UUIDString() for g in self.guests] + [self.hostile.UUIDString()]
+        self.assertEqual(dict((u, rows.get(u)) for u in mine),
+                         dict((u, "Running") for u in mine))
+        self.assertEqual(dict((u, expected[u]) for u in mine), dict((u, rows[u]) for u in mine))
+        self.assertEqual(self.browser.evaluate("document.querySelectorAll('#overview th').length"),
+                         11)
+
+    def test_a_suspend_shows_on_the_page_within_2_s(self):
+        guest = self.guests[0]
+        uuid = guest.UUIDString()
+
+        def state():
+            return dict((r[0], r[2]) for r in self.browser.rows()).get(uuid)
+        self.assertEqual(state(), "Running")
+        guest.suspend()
+        suspended = time.monotonic()
+        try:
+            self.assertTrue(wait_for(lambda: state() == "Paused", 10, 0.05))
+            took = time.monotonic() - suspended
+            print("\n    Paused on the page %.2f s after the suspend" % took, end=" ")
+            self.assertLessEqual(took, 2.0)
+        finally:
+            guest.resume()
+        self.assertTrue(wait_for(lambda: state() == "Running", 10, 0.05))
+
+    def test_a_hostile_name_is_shown_as_text(self):
+        rows = dict((r[0], r[1]) for r in self.browser.rows())
+        self.assertEqual(rows[self.hostile.UUIDString()], HOSTILE_NAME)
+        self.browser.evaluate("location.hash = 'vm=%s'" % self.hostile.UUIDString())
+        self.assertTrue(wait_for(lambda: self.browser.evaluate(
+            "document.getElementById('detail-name').textContent") == HOSTILE_NAME, 10, 0.1))
+        context = self.browser.evaluate(
+            "document.querySelector('tr[data-uuid=\"%s\"] td.context').textContent"
+            % self.hostile.UUIDString())
+        self.assertEqual(context, "<script>window.pwned=2</script>")
+        # nothing of it became markup or ran
+        self.assertEqual(self.browser.evaluate("document.querySelectorAll('img').length"), 0)
+        self.assertEqual(self.browser.evaluate(
+            "document.querySelectorAll('body script').length"), 1)      # the page's own
+        self.assertIsNone(self.browser.evaluate("window.pwned === undefined ? null : window.pwned"))
+        self.browser.evaluate("location.hash = ''")
+
+    def test_the_detail_view_graphs_spec_and_events(self):
+        guest = self.guests[1]
+        uuid = guest.UUIDString()
+        guest.suspend()
+        guest.resume()
+        self.browser.evaluate("location.hash = 'vm=%s'" % uuid)
+        try:
+            def charted():
+                return self.browser.evaluate(
+                    "[document.querySelectorAll('#charts svg').length,"
+                    " document.querySelectorAll('#charts polyline').length,"
+                    " Array.from(document.querySelectorAll('#spec li')).map(li => li.textContent),"
+                    " Array.from(document.querySelectorAll('#domain-events li'))"
+                    ".map(li => li.textContent)]")
+            self.assertTrue(wait_for(lambda: charted()[2] and charted()[3] and
+                                     charted()[1] >= 8, 20, 0.2), charted())
+            svgs, lines, spec, events = charted()
+            self.assertEqual(svgs, 5)       # CPU per vCPU, steal, memory, disk, network
+            self.assertGreaterEqual(lines, 2 + 2 + 2 + 2 + 2)   # 2 vCPUs twice, 2 lines each
+            self.assertIn("vCPUs: 2, memory: 32.0 MiB", spec[0])
+            image = os.path.join(IMAGES, guest.name() + ".qcow2")
+            self.assertIn("disk vda (disk): " + image, spec)
+            mac = ElementTree.fromstring(guest.XMLDesc()).find("devices/interface/mac").get("address")
+            self.assertTrue([s for s in spec if s.startswith("NIC vadtui2 " + mac)], spec)
+            self.assertTrue([e for e in events if "Suspended/Paused" in e], events)
+            self.assertTrue([e for e in events if "Resumed/Unpaused" in e], events)
+        finally:
+            self.browser.evaluate("location.hash = ''")
+
+    def test_sorting_and_filtering(self):
+        b = self.browser
+        b.evaluate("document.querySelector('th[data-key=\"vcpus\"]').click()")
+        vcpus = [r[1] for r in b.rows() if r[1].startswith(PREFIX + "ui")]
+        self.assertEqual(vcpus, [PREFIX + "ui2", PREFIX + "ui1"])          # most first
+        b.evaluate("document.querySelector('th[data-key=\"name\"]').click()")
+        names = [r[1] for r in b.rows()]
+        self.assertEqual(names, sorted(names))
+        b.evaluate("var f = document.getElementById('filter'); f.value = 'ui2';"
+                   " f.dispatchEvent(new Event('input'))")
+        try:
+            self.assertEqual([r[1] for r in b.rows()], [PREFIX + "ui2"])
+        finally:
+            b.evaluate("var f = document.getElementById('filter'); f.value = '';"
+                       " f.dispatchEvent(new Event('input'))")
+
+    def test_the_event_feed_resumes_after_the_connection_drops(self):
+        """The page's connections are cut (by the kernel, as a network would); the
+        browser's EventSource reconnects with Last-Event-ID and gets what it missed."""
+        b = self.browser
+        ss = need_tool("ss", "iproute2")
+        guest = self.guests[0]
+        # drop the page's event stream: the kernel ends the TCP connection
+        self.assertEqual(b.evaluate("view.connects"), 1)
+        killed = run([ss, "-K", "dst", "127.0.0.1", "sport", "= :%d" % self.agent.port])
+        if killed.returncode != 0 or str(self.agent.port) not in killed.stdout.decode():
+            missing("ss -K cannot end sockets here: %s" % killed.stdout.decode())
+        guest.suspend()       # while the stream is down, or just after
+        guest.resume()
+        self.assertTrue(wait_for(lambda: b.evaluate("view.connects") == 2, 30, 0.1))
+
+        def fed():
+            return b.evaluate("Array.from(document.querySelectorAll('#feed li'))"
+                              ".map(li => li.textContent)")
+        self.assertTrue(wait_for(lambda: [l for l in fed() if guest.name() in l and
+                                          "Resumed/Unpaused" in l], 20, 0.2), fed())
+        ids = b.evaluate("view.events.map(e => e.id)")
+        self.assertEqual(ids, sorted(set(ids)))     # no event twice, none out of order
+
+    def test_a_screenshot_is_a_picture_of_the_page(self):
+        """The page with a VM opened, once its graphs have a few points and it has events."""
+        guest = self.guests[1]
+        guest.suspend()
+        guest.resume()
+        self.browser.evaluate("location.hash = 'vm=%s'" % guest.UUIDString())
+        try:
+            self.assertTrue(wait_for(lambda: self.browser.evaluate(
+                "(function (lines) { return lines.length >= 10 && lines.every(function (l) {"
+                " return l.getAttribute('points').split(' ').length >= 6; }); })"
+                "(Array.from(document.querySelectorAll('#charts polyline')))"), 30, 0.2))
+            data = self.browser.screenshot()
+        finally:
+            self.browser.evaluate("location.hash = ''")
+        size, colours = png_size_and_colours(data)
+        self.assertEqual(size, (Browser.WIDTH, Browser.HEIGHT))
+        self.assertGreater(colours, 8)      # not blank: text, state colours, header
+        target = os.environ.get("VADVISOR_SCREENSHOT")
+        if target:
+            with open(target, "wb") as f:
+                f.write(data)
+
+
+NOVA_METADATA = """<metadata>
+    <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+      <nova:name>web-1</nova:name>
+      <nova:owner><nova:user uuid="0b1f9e1a7a4c4bd2b4d1c2f0e1a2b3c4">alice</nova:user>
+        <nova:project uuid="9f8e7d6c5b4a49388f7e6d5c4b3a2910">shop</nova:project></nova:owner>
+    </nova:instance></metadata>"""
+
+
+class DashboardTests(unittest.TestCase):
+    """contrib/grafana-dashboard.json: every panel's query, its variables filled in, is
+    evaluated by a real Prometheus scraping a real agent, and returns series."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(HERE, "contrib", "grafana-dashboard.json")) as f:
+            cls.dashboard = json.load(f)
+        cls.guests = Bench.fresh(("gd1", 1))
+        cls.guests.append(Bench.guest("gd2", 1, metadata=NOVA_METADATA))
+        cls.agent = Agent("--interval", "1")
+        cls.prometheus = PrometheusServer(cls, [cls.agent.port])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.prometheus.stop()
+        cls.agent.stop()
+        Bench.clean()
+
+    def panels(self):
+        for panel in self.dashboard["panels"]:
+            yield panel
+            for inner in panel.get("panels", ()):
+                yield inner
+
+    def fill(self, query):
+        values = {"instance": "127.0.0.1:%d" % self.agent.port, "domain": PREFIX + "gd2",
+                  "project": "shop", "__rate_interval": "1m", "__range": "5m",
+                  "__interval": "15s"}
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], query)
+
+    def test_the_dashboard_is_a_current_one_with_a_datasource_variable(self):
+        d = self.dashboard
+        self.assertGreaterEqual(d["schemaVersion"], 36)
+        variables = dict((v["name"], v) for v in d["templating"]["list"])
+        self.assertEqual((variables["datasource"]["type"], variables["datasource"]["query"]),
+                         ("datasource", "prometheus"))
+        self.assertEqual(set(variables), {"datasource", "instance", "domain", "project"})
+        ids = [p["id"] for p in self.panels()]
+        self.assertEqual(len(ids), len(set(ids)))
+        rows = [p["title"] for p in self.panels() if p["type"] == "row"]
+        self.assertEqual(rows, ["Fleet", "VM $domain"])
+        for panel in self.panels():
+            if panel["type"] != "row":
+                self.assertEqual(panel["datasource"]["uid"], "${datasource}", panel["title"])
+                self.assertTrue(panel["targets"], panel["title"])
+
+    def test_every_variable_has_values(self):
+        for variable in self.dashboard["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            m = re.match(r"^label_values\((.+), (\w+)\)$", variable["query"]["query"])
+            self.assertTrue(m, variable["query"])
+            query = "count by (%s) (%s)" % (m.group(2), self.fill(m.group(1)))
+            self.assertTrue(wait_for(lambda: self.prometheus.vector(query), 60, 0.5),
+                            "variable %s: %s has no values" % (variable["name"], query))
+
+    def test_every_panel_query_returns_series(self):
+        checked = 0
+        for panel in self.panels():
+            for target in panel.get("targets", ()):
+                query = self.fill(target["expr"])
+                found = wait_for(lambda: self.prometheus.vector(query), 60, 0.5)
+                self.assertTrue(found, "panel %r: %s returns nothing" % (panel["title"], query))
+                checked += 1
+        self.assertGreaterEqual(checked, 20)
+
+
 def send_frames(tap, count, size=114):
     """Ethernet frames written into a tap from the host, as root: the guest's NIC
     receives them (an rtl8139 takes them in even without a guest driver).
@@ -5187,6 +5777,8 @@ if __name__ == "__main__":
         sys.exit(demo_migration())
     elif sys.argv[1:2] == ["--bench-overhead"]:
         sys.exit(bench_overhead_only(int(os.environ.get("BENCH_GUESTS", "40"))))
+    elif sys.argv[1:] == ["--bench-page"]:
+        sys.exit(bench_page_only())
     elif sys.argv[1:2] == ["--bench"]:
         sys.exit(bench(int(os.environ.get("BENCH_GUESTS", "40"))))
     elif sys.argv[1:] == ["--bench-formatter"]:

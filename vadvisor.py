@@ -37,6 +37,7 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 import zlib
+from html import escape as html_escape
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit, unquote
 
@@ -1323,6 +1324,7 @@ class Sampler(object):
         self.history = History(table, history_seconds, interval)
         self.specs = SpecCache(metadata_labels)
         self.latest = self.latest_full = Sample(0, 0.0, 0.0, [])
+        self.previous = None                # the sample before latest (the overview's rates)
         self.gone = {}                      # uuid -> (name, vanished at)
         self.samples_total = 0
         self.full_samples_total = 0
@@ -1578,7 +1580,7 @@ class Sampler(object):
     def publish(self, sample):
         self.history.add(sample)
         with self.new_sample:
-            self.latest = sample
+            self.previous, self.latest = self.latest, sample
             self.samples_total += 1
             self.durations["full" if sample.full else "fast"] = sample.duration
             if sample.full:
@@ -2684,6 +2686,78 @@ class DomainPlan(object):
                 and tuple(stats.get(k) for k in self.name_keys) == self.names)
 
 
+# The overview (/api/v1.0/overview, the page's table): one row per domain, its
+# columns from the metric table's families, summed over devices.  "rate": per
+# second between the two latest samples; "percent": the same, of one core.
+OVERVIEW_COLUMNS = (
+    ("vcpus", "vm_vcpus", "value"),
+    ("cpu_percent", "vm_cpu_seconds_total", "percent"),
+    ("memory_bytes", "vm_memory_bytes", "value"),
+    ("rss_bytes", "vm_memory_rss_bytes", "value"),
+    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "rate"),
+    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "rate"),
+    ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate"),
+    ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
+)
+OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
+
+
+def family_totals(table, sample):
+    """{uuid: {family: value summed over devices}} of the overview's families,
+    worked out once per sample."""
+    totals = sample.cache.get("totals")
+    if totals is None:
+        wanted = set(family for _, family, _ in OVERVIEW_COLUMNS)
+        totals = {}
+        for uuid, _, family, _, number in sample_series(table, sample):
+            if family.name in wanted:
+                mine = totals.setdefault(uuid, {})
+                mine[family.name] = mine.get(family.name, 0) + number
+        sample.cache["totals"] = totals
+    return totals
+
+
+def overview_value(how, now, before, seconds):
+    if now is None or how == "value":
+        return now
+    if before is None or seconds <= 0 or now < before:
+        return None         # no earlier sample, or the counter started again
+    rate = (now - before) / seconds
+    return round(rate * 100, 2) if how == "percent" else round(rate, 1)
+
+
+def overview(table, sample, previous, contexts):
+    """The overview document: columns once, then one list of values per domain."""
+    totals = family_totals(table, sample)
+    before = family_totals(table, previous) if previous is not None else {}
+    seconds = sample.time - previous.time if previous is not None else 0
+    rows = []
+    for uuid, name, stats in sample.domains:
+        mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
+        row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
+               stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
+        row += [overview_value(how, mine.get(family), earlier.get(family), seconds)
+                for _, family, how in OVERVIEW_COLUMNS]
+        rows.append(row)
+    return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
+            "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
+            "domains": rows}
+
+
+def domain_context(info, metadata_labels):
+    """Whose VM it is, in a few words: its OpenStack project, its --metadata-label
+    values, else its title."""
+    openstack = info.get("vm_openstack_info")
+    if openstack:
+        project = openstack[0][2] or openstack[0][1]
+        return "project %s" % project if project else ""
+    picked = info.get("vm_metadata_info")
+    if picked:
+        return " ".join("%s=%s" % (label, value)
+                        for (label, _), value in zip(metadata_labels, picked[0]) if value)
+    return info.get("vm_info", [("",) * 5])[0][4]
+
+
 def render_families(families, openmetrics=False):
     """Text for small families given as [(name, type, help, [(labels, value)])]."""
     parts = []
@@ -2985,6 +3059,7 @@ class Agent(object):
         self.users = users
         self.started = time.time()
         self.render_lock = threading.Lock()
+        self.page_body = None
 
     def metrics_body(self, openmetrics, want_gzip):
         """The /metrics body: the sample's part is rendered (and compressed) once.
@@ -3122,6 +3197,27 @@ class Agent(object):
              [((), self.statsd.errors_total if self.statsd else 0)]),
         ]
         return fams
+
+    def page(self):
+        """The browser page, made once."""
+        if self.page_body is None:
+            self.page_body = page_html(VERSION, self.hypervisor.uri).encode("utf-8")
+        return self.page_body
+
+    def overview(self):
+        """The overview document's JSON, once per sample."""
+        sample, previous = self.sampler.latest, self.sampler.previous
+        body = sample.cache.get("overview")
+        if body is None:
+            specs = self.sampler.specs
+            with specs.lock:
+                contexts = dict((uuid, domain_context(info, specs.metadata_labels))
+                                for uuid, (_, info) in specs.infos.items())
+            doc = overview(self.formatter.table, sample, previous, contexts)
+            doc["interval"] = self.args.interval
+            body = sample.cache["overview"] = (json.dumps(doc, separators=(",", ":"))
+                                               + "\n").encode("utf-8")
+        return body
 
     def stats(self, uuid):
         """JSON text {uuid: [sample, ...]} from the history, oldest first; None if empty."""
@@ -3277,18 +3373,372 @@ def canonical_uuid(text):
     return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
 
 
-LANDING_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>vadvisor</title></head>
-<body><h1>vadvisor %s</h1>
-<p>Read-only monitoring agent for libvirt at <code>%s</code>.</p>
-<ul>
-<li><a href="/metrics">/metrics</a> Prometheus metrics</li>
-<li><a href="/healthz">/healthz</a> agent health</li>
-<li><a href="/api/v1.0/stats/">/api/v1.0/stats/</a> VM stats with history</li>
-<li><a href="/api/v1.0/specs/">/api/v1.0/specs/</a> VM specifications</li>
-<li><a href="/api/v1.0/events">/api/v1.0/events</a> lifecycle events</li>
-</ul></body></html>
+# The browser page at / and /ui: HTML, CSS and JavaScript inline, nothing from
+# elsewhere (the host may be air-gapped).  Data only ever reaches the page as
+# text (textContent, SVG attributes): names and metadata are the guests'
+# owners' input.  The Content-Security-Policy admits this page's own script
+# and style by their hashes, and connections to this origin only.
+PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
+header { background: #1f3a5f; color: #fff; padding: 8px 16px; }
+header h1 { font-size: 18px; margin: 0; display: inline; }
+header nav { display: inline; margin-left: 16px; }
+header a { color: #cde; margin-right: 10px; }
+main { padding: 8px 16px; }
+#summary { margin-left: 12px; color: #555; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
+th { cursor: pointer; background: #eef1f5; user-select: none; }
+th.text, td.text { text-align: left; }
+td.text { max-width: 24em; overflow: hidden; text-overflow: ellipsis; }
+.scroll { overflow-x: auto; }
+tr.row:hover { background: #f2f7ff; cursor: pointer; }
+.badge { padding: 1px 6px; border-radius: 3px; color: #fff; background: #888; }
+.Running { background: #2e7d32; } .Paused { background: #ef8f00; } .Crashed { background: #c62828; }
+.Shutoff, .Shutdown { background: #757575; } .PMSuspended, .Blocked { background: #5c6bc0; }
+.stale { color: #c62828; font-weight: bold; margin-left: 4px; }
+section { margin-top: 16px; }
+#detail { display: none; background: #fff; border: 1px solid #ddd; padding: 8px 12px; }
+#charts { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #555; }
+svg.chart { background: #fcfcfc; border: 1px solid #e4e4e4; }
+ul#feed, ul#domain-events { list-style: none; padding: 0; margin: 0; font-family: monospace; font-size: 12px; }
+ul#feed li, ul#domain-events li { border-bottom: 1px solid #eee; padding: 2px 0; }
+.muted { color: #777; }
 """
+
+PAGE_SCRIPT = r"""
+"use strict";
+var COLUMNS = [   // [key, heading, kind]
+  ["name", "Name", "text"], ["state", "State", "text"], ["vcpus", "vCPUs", "number"],
+  ["cpu_percent", "CPU %", "number"], ["memory_bytes", "Memory", "bytes"],
+  ["rss_bytes", "RSS", "bytes"], ["disk_read_bytes_per_second", "Disk read/s", "bytes"],
+  ["disk_write_bytes_per_second", "Disk write/s", "bytes"],
+  ["network_receive_bytes_per_second", "Net rx/s", "bytes"],
+  ["network_transmit_bytes_per_second", "Net tx/s", "bytes"], ["context", "Context", "text"]];
+// The state a lifecycle event leaves a domain in, shown before the next sample.
+var EVENT_STATES = {Started: "Running", Resumed: "Running", Suspended: "Paused",
+  Stopped: "Shutoff", Crashed: "Crashed", PMSuspended: "PMSuspended"};
+var view = {rows: [], sortKey: "name", sortUp: true, seq: -1, selected: null, events: [],
+  connects: 0};
+var interval = 1000;
+
+function $(id) { return document.getElementById(id); }
+function el(tag, text, className) {
+  var node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+function bytes(n) {
+  if (n === null || n === undefined) return "";
+  var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : Math.round(n)) + " " + units[i];
+}
+function shown(value, kind) {
+  if (value === null || value === undefined) return "";
+  return kind === "bytes" ? bytes(value) : String(value);
+}
+function getJSON(url) {
+  return fetch(url, {credentials: "same-origin"}).then(function (r) {
+    if (!r.ok) throw new Error(url + ": " + r.status);
+    return r.json();
+  });
+}
+
+// -- the overview table -------------------------------------------------------
+function buildHead() {
+  var tr = $("head");
+  COLUMNS.forEach(function (c) {
+    var th = el("th", c[1], c[2] === "text" ? "text" : "");
+    th.dataset.key = c[0];
+    th.addEventListener("click", function () {
+      view.sortUp = view.sortKey === c[0] ? !view.sortUp : c[2] === "text";
+      view.sortKey = c[0];
+      render();
+    });
+    tr.appendChild(th);
+  });
+}
+function refresh() {
+  return getJSON("/api/v1.0/overview").then(function (doc) {
+    interval = Math.max(250, (doc.interval || 1) * 1000);
+    if (doc.seq === view.seq) return;
+    view.seq = doc.seq;
+    view.rows = doc.domains.map(function (values) {
+      var row = {};
+      doc.columns.forEach(function (name, i) { row[name] = values[i]; });
+      return row;
+    });
+    $("updated").textContent = doc.timestamp || "";
+    render();
+  }).catch(function (err) { $("updated").textContent = "update failed: " + err.message; });
+}
+function render() {
+  var filter = $("filter").value.toLowerCase(), key = view.sortKey, up = view.sortUp ? 1 : -1;
+  var rows = view.rows.filter(function (r) {
+    return !filter || (r.name + " " + r.state + " " + r.context + " " + r.uuid)
+      .toLowerCase().indexOf(filter) >= 0;
+  });
+  rows.sort(function (a, b) {
+    var x = a[key], y = b[key];
+    if (x === y) return a.name < b.name ? -1 : 1;
+    if (x === null || x === undefined) return 1;
+    if (y === null || y === undefined) return -1;
+    return (x < y ? -1 : 1) * up;
+  });
+  var body = el("tbody");
+  rows.forEach(function (r) {
+    var tr = el("tr", null, "row");
+    tr.dataset.uuid = r.uuid;
+    COLUMNS.forEach(function (c) {
+      var td = el("td", null, c[2] === "text" ? "text " + c[0] : c[0]);
+      if (c[0] === "state") {
+        td.appendChild(el("span", r.state, "badge " + r.state));
+        if (r.stale) td.appendChild(el("span", "stale", "stale"));
+      } else {
+        td.textContent = shown(r[c[0]], c[2]);
+      }
+      tr.appendChild(td);
+    });
+    tr.addEventListener("click", function () { location.hash = "vm=" + r.uuid; });
+    body.appendChild(tr);
+  });
+  var table = $("overview");
+  table.replaceChild(body, table.tBodies[0]);
+  $("summary").textContent = rows.length + " of " + view.rows.length + " domains";
+}
+
+// -- one domain ------------------------------------------------------------------
+function rates(history, pick) {      // [[t, per second], ...] of a counter's samples
+  var out = [];
+  for (var i = 1; i < history.length; i++) {
+    var t0 = Date.parse(history[i - 1].timestamp), t1 = Date.parse(history[i].timestamp);
+    var a = pick(history[i - 1]), b = pick(history[i]);
+    if (a !== null && b !== null && t1 > t0 && b >= a) out.push([t1, (b - a) * 1000 / (t1 - t0)]);
+  }
+  return out;
+}
+function sum(list, key) {
+  if (!list) return null;
+  return list.reduce(function (s, d) { return s + (d[key] || 0); }, 0);
+}
+function chart(title, series, format) {
+  var W = 320, H = 110, NS = "http://www.w3.org/2000/svg", colors = ["#1565c0", "#c62828",
+    "#2e7d32", "#ef8f00", "#6a1b9a", "#00838f"];
+  var points = [].concat.apply([], series.map(function (s) { return s.points; }));
+  var figure = el("figure");
+  var svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("class", "chart"); svg.setAttribute("width", W); svg.setAttribute("height", H);
+  if (points.length) {
+    var t0 = Math.min.apply(null, points.map(function (p) { return p[0]; }));
+    var t1 = Math.max.apply(null, points.map(function (p) { return p[0]; }));
+    var top = Math.max.apply(null, points.map(function (p) { return p[1]; })) || 1;
+    series.forEach(function (s, i) {
+      var line = document.createElementNS(NS, "polyline");
+      line.setAttribute("fill", "none");
+      line.setAttribute("stroke", colors[i % colors.length]);
+      line.setAttribute("points", s.points.map(function (p) {
+        return ((p[0] - t0) / Math.max(1, t1 - t0) * (W - 4) + 2).toFixed(1) + "," +
+          (H - 4 - p[1] / top * (H - 16)).toFixed(1);
+      }).join(" "));
+      svg.appendChild(line);
+    });
+    var label = document.createElementNS(NS, "text");
+    label.setAttribute("x", 4); label.setAttribute("y", 11); label.setAttribute("font-size", 10);
+    label.textContent = "max " + format(top);
+    svg.appendChild(label);
+  }
+  figure.appendChild(svg);
+  figure.appendChild(el("figcaption", title + ": " + series.map(function (s) {
+    var last = s.points[s.points.length - 1];
+    return s.name + " " + (last ? format(last[1]) : "-");
+  }).join(", ")));
+  return figure;
+}
+function percent(v) { return v.toFixed(1) + " %"; }
+function perSecond(v) { return bytes(v) + "/s"; }
+function drawCharts(history) {
+  var box = $("charts"), vcpus = [], steal = [];
+  var n = (history.length && history[history.length - 1].cpu &&
+           history[history.length - 1].cpu.per_cpu_usage || []).length;
+  for (var i = 0; i < n; i++) {
+    (function (i) {
+      function cpu(key) {
+        return function (h) {
+          var c = h.cpu && h.cpu.per_cpu_usage && h.cpu.per_cpu_usage[i];
+          return c && c[key] !== undefined ? c[key] : null;
+        };
+      }
+      // JSON CPU times are in ms: a rate of ms per second / 10 is percent of a core
+      vcpus.push({name: "vCPU " + i, points: rates(history, cpu("vcpu_time")).map(pct)});
+      steal.push({name: "vCPU " + i, points: rates(history, cpu("delay_time")).map(pct)});
+    })(i);
+  }
+  function pct(p) { return [p[0], p[1] / 10]; }
+  function value(pick) {
+    return history.map(function (h) { return [Date.parse(h.timestamp), pick(h)]; })
+      .filter(function (p) { return p[1] !== null && p[1] !== undefined; });
+  }
+  var charts = [
+    chart("CPU per vCPU", vcpus, percent),
+    chart("Steal (waiting for a host CPU)", steal, percent),
+    chart("Memory", [
+      {name: "assigned", points: value(function (h) { return h.memory && h.memory.actual * 1024; })},
+      {name: "RSS", points: value(function (h) { return h.memory && h.memory.rss * 1024; })}], bytes),
+    chart("Disk", [
+      {name: "read", points: rates(history, function (h) { return sum(h.diskio, "rd_bytes"); })},
+      {name: "write", points: rates(history, function (h) { return sum(h.diskio, "wr_bytes"); })}],
+      perSecond),
+    chart("Network", [
+      {name: "rx", points: rates(history, function (h) {
+        return sum(h.network && h.network.interfaces, "rx_bytes"); })},
+      {name: "tx", points: rates(history, function (h) {
+        return sum(h.network && h.network.interfaces, "tx_bytes"); })}], perSecond)];
+  box.textContent = "";
+  charts.forEach(function (c) { box.appendChild(c); });
+}
+function attr(node, path) {      // a spec value: {"value": ...} or a plain value
+  path.split(".").forEach(function (k) { node = node && node[k]; });
+  return node && typeof node === "object" ? node.value : node;
+}
+var UNITS = {b: 1, bytes: 1, k: 1024, KiB: 1024, M: 1048576, MiB: 1048576,
+  G: 1073741824, GiB: 1073741824, KB: 1000, MB: 1e6, GB: 1e9};
+function memory(m) {             // a spec's {"unit": "KiB", "value": 32768} in bytes
+  return m ? Number(m.value) * (UNITS[m.unit || "KiB"] || 1024) : null;
+}
+function showSpec(spec) {
+  var list = $("spec");
+  list.textContent = "";
+  function item(text) { list.appendChild(el("li", text)); }
+  item("vCPUs: " + (attr(spec, "vcpu") || "?") + ", memory: " + bytes(memory(spec.memory)) +
+       (spec.currentMemory ? " (current " + bytes(memory(spec.currentMemory)) + ")" : ""));
+  (spec.devices || []).forEach(function (d) {
+    if (d.family === "disk") {
+      var source = d.source ? (d.source.file || d.source.dev || d.source.name ||
+                               d.source.volume || JSON.stringify(d.source)) : "(none)";
+      item("disk " + attr(d, "target.dev") + " (" + (d.device || "disk") + "): " + source);
+    } else if (d.family === "interface") {
+      item("NIC " + (attr(d, "target.dev") || "") + " " + (attr(d, "mac.address") || "") +
+           " (" + (d.type || "") + (attr(d, "model.type") ? ", " + attr(d, "model.type") : "") + ")");
+    }
+  });
+}
+function showDomainEvents() {
+  var list = $("domain-events");
+  list.textContent = "";
+  view.events.filter(function (e) { return e.domain_id === view.selected; }).slice(-20)
+    .reverse().forEach(function (e) { list.appendChild(el("li", describe(e))); });
+}
+function refreshDetail() {
+  if (!view.selected) return Promise.resolve();
+  var uuid = view.selected;
+  return getJSON("/api/v1.0/stats/" + uuid).then(function (doc) {
+    if (uuid === view.selected) drawCharts(doc[uuid] || []);
+  }).catch(function () {});
+}
+function select() {
+  var m = /^#vm=([0-9a-f-]{36})$/.exec(location.hash);
+  view.selected = m ? m[1] : null;
+  $("detail").style.display = m ? "block" : "none";
+  if (!m) return;
+  var row = view.rows.filter(function (r) { return r.uuid === view.selected; })[0];
+  $("detail-name").textContent = row ? row.name : view.selected;
+  $("detail-uuid").textContent = view.selected;
+  $("spec").textContent = "";
+  getJSON("/api/v1.0/specs/" + view.selected).then(showSpec).catch(function (err) {
+    $("spec").appendChild(el("li", "no spec: " + err.message, "muted"));
+  });
+  showDomainEvents();
+  refreshDetail();
+}
+
+// -- the event feed ----------------------------------------------------------------
+function describe(e) {
+  return e.timestamp + "  " + e.domain_name + "  " + e.event_type +
+    (e.reason ? "/" + e.reason : "") + (e.details ? "  " + JSON.stringify(e.details) : "");
+}
+function onEvent(e) {
+  view.events.push(e);
+  if (view.events.length > 500) view.events.shift();
+  var feed = $("feed");
+  feed.insertBefore(el("li", describe(e)), feed.firstChild);
+  while (feed.childNodes.length > 100) feed.removeChild(feed.lastChild);
+  var state = EVENT_STATES[e.event_type];
+  if (state) {
+    view.rows.forEach(function (r) { if (r.uuid === e.domain_id) r.state = state; });
+    render();
+  }
+  if (e.domain_id === view.selected) showDomainEvents();
+}
+function listen() {
+  // The last 15 minutes first; after a reconnect the browser sends Last-Event-ID
+  // and the agent replays what was missed.
+  var since = new Date(Date.now() - 15 * 60 * 1000).toISOString();
+  var source = new EventSource("/api/v1.0/events?start_time=" + encodeURIComponent(since));
+  source.onmessage = function (m) { onEvent(JSON.parse(m.data)); };
+  source.onopen = function () { view.connects++; $("feed-state").textContent = "live"; };
+  source.onerror = function () { $("feed-state").textContent = "reconnecting"; };
+}
+
+function loop() {
+  Promise.all([refresh(), refreshDetail()]).then(function () { setTimeout(loop, interval); });
+}
+buildHead();
+$("filter").addEventListener("input", render);
+window.addEventListener("hashchange", select);
+refresh().then(select);
+setTimeout(loop, interval);
+listen();
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vadvisor %(host)s</title>
+<style>%(style)s</style></head>
+<body>
+<header><h1>vadvisor</h1> <span>%(version)s, libvirt at <code>%(uri)s</code></span>
+<nav>
+<a href="/metrics">/metrics</a>
+<a href="/healthz">/healthz</a>
+<a href="/api/v1.0/stats/">/api/v1.0/stats/</a>
+<a href="/api/v1.0/specs/">/api/v1.0/specs/</a>
+<a href="/api/v1.0/events">/api/v1.0/events</a>
+<a href="/api/v1.0/overview">/api/v1.0/overview</a>
+</nav></header>
+<main>
+<p><input id="filter" type="search" placeholder="filter: name, state, context"><span id="summary"></span>
+<span class="muted">updated <span id="updated">-</span></span></p>
+<section id="detail"><h2><span id="detail-name"></span> <small class="muted" id="detail-uuid"></small>
+<a href="#">close</a></h2>
+<div id="charts"></div>
+<h3>Spec</h3><ul id="spec"></ul>
+<h3>Recent events</h3><ul id="domain-events"></ul></section>
+<div class="scroll"><table id="overview"><thead><tr id="head"></tr></thead><tbody></tbody></table></div>
+<section><h2>Events <small class="muted" id="feed-state">connecting</small></h2><ul id="feed"></ul></section>
+</main>
+<noscript>This page needs JavaScript; the links above work without it.</noscript>
+<script>%(script)s</script>
+</body></html>
+"""
+
+
+def csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (csp_hash(PAGE_SCRIPT), csp_hash(PAGE_STYLE)))
+
+
+def page_html(version, uri):
+    """The page; the only values put in by the server are the operator's own."""
+    return PAGE % {"host": html_escape(platform.node()), "style": PAGE_STYLE,
+                   "script": PAGE_SCRIPT, "version": html_escape(version),
+                   "uri": html_escape(uri)}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -3389,7 +3839,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes --------------------------------------------------------------------
     ROUTES = (
-        (r"/", "landing"),
+        (r"/", "page"),
+        (r"/ui", "page"),
+        (r"/api/v1\.0/overview/?", "overview"),
         (r"/metrics", "metrics"),
         (r"/healthz", "healthz"),
         (r"/api/v1\.0/stats/?", "stats"),
@@ -3408,9 +3860,16 @@ class Handler(BaseHTTPRequestHandler):
                 return getattr(self, "route_" + name)(query, **match.groupdict())
         raise HTTPError(404, "no such endpoint: %s" % path)
 
-    def route_landing(self, query):
-        self.send_body(200, "text/html; charset=utf-8",
-                       (LANDING_PAGE % (VERSION, self.agent.hypervisor.uri)).encode("utf-8"))
+    def route_page(self, query):
+        parse_query(query, {})
+        self.send_body(200, "text/html; charset=utf-8", self.agent.page(),
+                       [("Content-Security-Policy", PAGE_CSP), ("Cache-Control", "no-cache"),
+                        ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")])
+
+    def route_overview(self, query):
+        parse_query(query, {})
+        self.send_body(200, "application/json", self.agent.overview(),
+                       [("Cache-Control", "no-store")])
 
     def route_healthz(self, query):
         ok, state = self.agent.health()
