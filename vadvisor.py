@@ -3783,6 +3783,9 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.answered = False
+        # Headers and body go out in two writes: without this, a keep-alive client's
+        # delayed ACK holds the body back some 40 ms (Nagle's algorithm).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(self.connection, "do_handshake"):
             self.connection.do_handshake()  # TLS, here under this connection's timeout
 
