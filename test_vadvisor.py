@@ -5370,6 +5370,20 @@ class BrowserTests(unittest.TestCase):
         finally:
             self.browser.evaluate("location.hash = ''")
 
+    def test_a_domain_that_comes_and_goes_gets_and_loses_its_row(self):
+        guest = Bench.guest("ui3", 1)
+        try:
+            self.assertTrue(wait_for(lambda: PREFIX + "ui3" in [r[1] for r in self.browser.rows()],
+                                     15, 0.1))
+        finally:
+            guest.destroy()
+            guest.undefine()
+        self.assertTrue(wait_for(lambda: PREFIX + "ui3" not in [r[1] for r in self.browser.rows()],
+                                 15, 0.1))
+        names = [r[1] for r in self.browser.rows()]
+        self.assertEqual(len(names), len(set(names)))
+        self.assertIn(PREFIX + "ui1", names)
+
     def test_sorting_and_filtering(self):
         b = self.browser
         b.evaluate("document.querySelector('th[data-key=\"vcpus\"]').click()")

@@ -3475,6 +3475,31 @@ function refresh() {
     render();
   }).catch(function (err) { $("updated").textContent = "update failed: " + err.message; });
 }
+var rowNodes = {};     // uuid -> its <tr>
+function rowNode(r) {
+  var tr = rowNodes[r.uuid];
+  if (!tr) {
+    tr = rowNodes[r.uuid] = el("tr", null, "row");
+    tr.dataset.uuid = r.uuid;
+    COLUMNS.forEach(function (c) { tr.appendChild(el("td", null, (c[2] === "text" ? "text " : "") + c[0])); });
+    tr.addEventListener("click", function () { location.hash = "vm=" + tr.dataset.uuid; });
+  }
+  COLUMNS.forEach(function (c, i) {
+    var td = tr.cells[i];
+    if (c[0] === "state") {
+      var shownState = r.state + (r.stale ? " stale" : "");
+      if (td.dataset.shown === shownState) return;
+      td.dataset.shown = shownState;
+      td.textContent = "";
+      td.appendChild(el("span", r.state, "badge " + r.state));
+      if (r.stale) td.appendChild(el("span", "stale", "stale"));
+    } else {
+      var text = shown(r[c[0]], c[2]);
+      if (td.textContent !== text) td.textContent = text;
+    }
+  });
+  return tr;
+}
 function render() {
   var filter = $("filter").value.toLowerCase(), key = view.sortKey, up = view.sortUp ? 1 : -1;
   var rows = view.rows.filter(function (r) {
@@ -3488,25 +3513,17 @@ function render() {
     if (y === null || y === undefined) return -1;
     return (x < y ? -1 : 1) * up;
   });
-  var body = el("tbody");
-  rows.forEach(function (r) {
-    var tr = el("tr", null, "row");
-    tr.dataset.uuid = r.uuid;
-    COLUMNS.forEach(function (c) {
-      var td = el("td", null, c[2] === "text" ? "text " + c[0] : c[0]);
-      if (c[0] === "state") {
-        td.appendChild(el("span", r.state, "badge " + r.state));
-        if (r.stale) td.appendChild(el("span", "stale", "stale"));
-      } else {
-        td.textContent = shown(r[c[0]], c[2]);
-      }
-      tr.appendChild(td);
-    });
-    tr.addEventListener("click", function () { location.hash = "vm=" + r.uuid; });
-    body.appendChild(tr);
+  // Rows are kept per domain and only their changed cells are written: with a
+  // thousand domains most values stay the same from one update to the next.
+  var body = $("overview").tBodies[0];
+  rows.forEach(function (r, i) {
+    var tr = rowNode(r);
+    if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
   });
-  var table = $("overview");
-  table.replaceChild(body, table.tBodies[0]);
+  while (body.children.length > rows.length) body.removeChild(body.lastChild);
+  var present = {};
+  view.rows.forEach(function (r) { present[r.uuid] = true; });
+  Object.keys(rowNodes).forEach(function (uuid) { if (!present[uuid]) delete rowNodes[uuid]; });
   $("summary").textContent = rows.length + " of " + view.rows.length + " domains";
 }
 
