@@ -5257,6 +5257,18 @@ def png_size_and_colours(data):
     return (width, height), len(colours)
 
 
+def http_get_tls(port, path):
+    """The status of an HTTPS GET without credentials (the certificate is not checked)."""
+    import ssl
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                       context=ssl._create_unverified_context())
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 HOSTILE_NAME = PREFIX + "<img src=x onerror=window.pwned=1>"
 HOSTILE_GUEST = """<domain type='%(type)s'>
   <name>%(name)s</name>
@@ -5369,6 +5381,41 @@ class BrowserTests(unittest.TestCase):
             self.assertTrue([e for e in events if "Resumed/Unpaused" in e], events)
         finally:
             self.browser.evaluate("location.hash = ''")
+
+    def test_the_page_works_behind_tls_and_basic_auth(self):
+        """Same origin: the page's fetches and its EventSource carry the browser's
+        credentials over the agent's HTTPS."""
+        need_tool("openssl", "openssl")
+        tmp = tempfile.mkdtemp(prefix="vadvisor-page-tls-")
+        browser = agent = None
+        try:
+            cert, key = make_certificate(tmp)
+            line = run([PY, AGENT, "--hash-password", "ops"], input=b"pa55\n").stdout.decode()
+            users = os.path.join(tmp, "users")
+            with open(users, "w") as f:
+                f.write(line)
+            agent = Agent("--interval", "0.5", "--tls-cert", cert, "--tls-key", key,
+                          "--basic-auth-file", users)
+            browser = Browser(["--ignore-certificate-errors"])
+            token = base64.b64encode(b"ops:pa55").decode()
+            browser.open("https://127.0.0.1:%d/" % agent.port, {"Authorization": "Basic " + token})
+            mine = set(g.name() for g in self.guests)
+            self.assertTrue(wait_for(lambda: mine <= set(r[1] for r in browser.rows()), 20, 0.2))
+            self.assertTrue(wait_for(lambda: browser.evaluate(
+                "document.getElementById('feed-state').textContent") == "live", 20, 0.2))
+            self.guests[0].suspend()
+            self.guests[0].resume()
+            self.assertTrue(wait_for(lambda: browser.evaluate(
+                "view.events.filter(e => e.event_type === 'Resumed').length") >= 1, 20, 0.2))
+            # and without the credentials the page gets nothing
+            status = http_get_tls(agent.port, "/")
+            self.assertEqual(status, 401)
+        finally:
+            if browser is not None:
+                browser.close()
+            if agent is not None:
+                agent.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def test_a_domain_that_comes_and_goes_gets_and_loses_its_row(self):
         guest = Bench.guest("ui3", 1)
