@@ -81,7 +81,8 @@ PAUSED_IOERROR = 5
 JOB_TYPES = ("none", "bounded", "unbounded", "completed", "failed", "cancelled")
 JOB_OPERATIONS = ("unknown", "start", "save", "restore", "migration-in", "migration-out",
                   "snapshot", "snapshot-revert", "dump", "backup", "snapshot-delete")
-JOB_ENDED = {4: "failed", 5: "cancelled"}   # a completed one comes as a JobCompleted event
+JOB_RUNNING = (1, 2)        # bounded, unbounded
+JOB_RESULTS = {3: "completed", 4: "failed", 5: "cancelled"}
 JOB_EVENT_WAIT = 3.0        # seconds a JobCompleted event may come after its job ended
 # virDomainDiskErrorCode: what diskErrors() says of a disk.
 DISK_ERRORS = ("none", "unspec", "no_space")
@@ -926,7 +927,8 @@ class Sample(object):
     """One round's result: [(uuid, name, {flat key: value})], every value in
     libvirt's keys and units whichever tier read it."""
 
-    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache", "full", "kernel_domains")
+    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache", "full", "kernel_domains",
+                 "derived")
 
     def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0):
         self.seq = seq
@@ -937,6 +939,7 @@ class Sample(object):
         self.full = full        # True: libvirt read every group (the full tier)
         self.kernel_domains = kernel_domains    # domains whose fast values the kernel gave
         self.cache = {}         # rendered bodies, per format
+        self.derived = {}       # the overview and its totals, worked out once
 
 
 class Ring(object):
@@ -1173,46 +1176,48 @@ class JobWatch(object):
     each domain that has one, every fast round, and how each job ended.
 
     libvirt tells of no job's start, so the signs of one are used: a
-    migration's iteration event (its first comes as it starts), a pause for a
-    migration, save, dump or snapshot (the fast tier sees the state every
-    round), and a full read that came back partial (a job holds the domain).
-    A domain is read while jobStats() says a job runs: no call at all while no
-    domain has a job.  Runs on the sampler's thread; hints come from the
-    event loop's.
+    migration's iteration event (its first comes as it starts; a save is a
+    migration to a file) and a pause for a migration, save, dump or snapshot
+    (the fast tier sees the state every round).  A domain is read while
+    jobStats() says a job runs: no call at all while no domain has a job.
+    (A full read that comes back partial is no sign: a hung guest does that,
+    and jobStats() would wait on it too.)  Runs on the sampler's thread; hints
+    come from the event loop's.
     """
 
     def __init__(self, call):
         self.call = call                    # Sampler.bounded
-        self.running = {}                   # uuid -> (jobStats() of its job, first seen, Unix)
+        self.running = {}                   # uuid -> (name, jobStats() of its job, first seen)
         self.hints = set()                  # uuids an event says may have a job
         self.idle_pauses = {}               # uuid -> the pause reason jobStats() found no job in
-        self.ending = {}                    # uuid -> (name, operation, seen, ended at, monotonic)
+        self.ending = {}                    # uuid -> [(name, operation, result, seen, ended)]
         self.calls = {"jobStats": 0, "diskErrors": 0}
         self.on_end = None                  # (name, uuid, operation, result)
         self.completed_since = None         # (uuid, Unix time): a JobCompleted event came since?
 
-    def read(self, domains, handles, fulls):
+    def read(self, domains, handles):
         """Adds the job.* keys of the domains with a job to their records in
         domains; returns the calls' duration."""
         hints, self.hints = self.hints, set()
         spent = 0.0
         for i, (uuid, name, stats) in enumerate(domains):
             paused = self.paused_for_job(uuid, stats)
-            if not (uuid in self.running or uuid in hints or paused
-                    or (uuid in fulls and stats.get("vadvisor.stale"))):
+            if not (uuid in self.running or uuid in hints or paused):
                 continue
             clock = time.monotonic()
             job = self.stats(handles[uuid].jobStats)
-            if job.get("type"):
-                seen = self.running.get(uuid, (None, time.time()))[1]
-                self.running[uuid] = (job, seen)
+            spent += time.monotonic() - clock
+            if job is None:             # no answer: ask again next round, decide nothing
+                self.hints.add(uuid)
+            elif job.get("type") in JOB_RUNNING:
+                seen = self.running.get(uuid, (None, None, time.time()))[2]
+                self.running[uuid] = (name, job, seen)
                 domains[i] = (uuid, name, dict(stats, **job_keys(job)))
             else:
                 if paused:
                     self.idle_pauses[uuid] = stats.get("state.reason")   # ask once
                 if uuid in self.running:
-                    self.ended(name, uuid, handles[uuid], *self.running.pop(uuid))
-            spent += time.monotonic() - clock
+                    self.ended(uuid, handles[uuid], *self.running.pop(uuid))
         self.settle()
         return spent
 
@@ -1223,42 +1228,52 @@ class JobWatch(object):
             self.idle_pauses.pop(uuid, None)
         return paused and uuid not in self.idle_pauses
 
-    def ended(self, name, uuid, dom, running, seen):
-        """A job seen running has gone.  A completed one comes as a JobCompleted
-        event; libvirt's record says when one failed or was cancelled, and where
-        it keeps none (libvirt 9.0 keeps none of a cancelled migration), a job
-        with no JobCompleted event a little later did not complete."""
-        last = self.stats(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED"))
-        operation = enum_name(JOB_OPERATIONS, last.get("operation", running.get("operation")))
-        result = JOB_ENDED.get(last.get("type"))
-        if result is not None:
-            self.report(name, uuid, operation, result)
-        elif last.get("type") != 3:
-            self.ending[uuid] = (name, operation, seen, time.monotonic())
+    def ended(self, uuid, dom, name, running, seen):
+        """A job seen running has gone: how it ended is decided once its
+        JobCompleted event had time to come (settle)."""
+        last = self.stats(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED")) or {}
+        operation = running.get("operation")
+        result = JOB_RESULTS.get(last.get("type")) if last.get("operation") == operation else None
+        self.end(uuid, name, operation, result, seen)
+
+    def end(self, uuid, name, operation, result, seen):
+        self.ending.setdefault(uuid, []).append((name, enum_name(JOB_OPERATIONS, operation),
+                                                 result, seen, time.monotonic()))
 
     def settle(self):
-        """Decides the jobs that ended with no record, once their event had time to come."""
+        """Counts the jobs that ended JOB_EVENT_WAIT ago, unless a JobCompleted event
+        counted them: as libvirt's record of them says, and a migration with no
+        record as failed (libvirt 9.0 keeps none of a cancelled one).  A job of
+        which libvirt says nothing at all (a dump) is not counted."""
         now = time.monotonic()
-        for uuid, (name, operation, seen, ended) in list(self.ending.items()):
-            if now - ended >= JOB_EVENT_WAIT:
+        for uuid in list(self.ending):
+            waiting = []
+            for name, operation, result, seen, ended in self.ending[uuid]:
+                if now - ended < JOB_EVENT_WAIT:
+                    waiting.append((name, operation, result, seen, ended))
+                    continue
+                if self.completed_since is not None and self.completed_since(uuid, seen):
+                    continue
+                if result is None and operation.startswith("migration"):
+                    result = "failed"
+                if result is not None and self.on_end is not None:
+                    self.on_end(name, uuid, operation, result)
+            if waiting:
+                self.ending[uuid] = waiting
+            else:
                 del self.ending[uuid]
-                if self.completed_since is None or not self.completed_since(uuid, seen):
-                    self.report(name, uuid, operation, "failed")
-
-    def report(self, name, uuid, operation, result):
-        if self.on_end is not None:
-            self.on_end(name, uuid, operation, result)
 
     def stats(self, call, *args):
-        """A job-statistics call (jobStats, diskErrors): its reply, or {} when the
-        domain went or libvirt refused (logged at debug: a domain may go any time)."""
+        """A job-statistics call (jobStats, diskErrors): its reply, or None when the
+        domain went, libvirt refused or did not answer (logged at debug: a domain
+        may go any time)."""
         self.calls[call.__name__] += 1
         try:
             reply = self.call(call, *args)
         except (libvirt.libvirtError, Stuck) as exc:
             log.debug("%s: %s", call.__name__, exc)
-            return {}
-        return reply if isinstance(reply, dict) else {}
+            return None
+        return reply if isinstance(reply, dict) else None
 
     def disk_errors(self, dom, stats):
         """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
@@ -1266,17 +1281,20 @@ class JobWatch(object):
         found = {}
         targets = dict((stats.get("block.%d.name" % i), i)
                        for i in range(int(stats.get("block.count", 0))))
-        for device, code in self.stats(dom.diskErrors).items():
+        for device, code in (self.stats(dom.diskErrors) or {}).items():
             if code and device in targets:
                 error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
                 found["block.%d.error.%s" % (targets[device], error)] = 1
         return found
 
     def keep_only(self, present):
-        """Forgets the domains libvirt no longer has (a job's end is still decided)."""
-        for kept in (self.running, self.idle_pauses):
-            for uuid in [u for u in kept if u not in present]:
-                del kept[uuid]
+        """Forgets the domains libvirt no longer has; a job of one that went is
+        ended (an outgoing migration's JobCompleted event says it completed)."""
+        for uuid in [u for u in self.running if u not in present]:
+            name, running, seen = self.running.pop(uuid)
+            self.end(uuid, name, running.get("operation"), None, seen)
+        for uuid in [u for u in self.idle_pauses if u not in present]:
+            del self.idle_pauses[uuid]
 
 
 class Sampler(object):
@@ -1389,7 +1407,7 @@ class Sampler(object):
             if uuid in fulls:
                 stats = self.fill_in(uuid, stats, started)
                 if is_paused(stats, (PAUSED_IOERROR,)):
-                    stats.update(self.jobs.disk_errors(dom, stats))
+                    stats = dict(stats, **self.jobs.disk_errors(dom, stats))
                 self.full_records[uuid] = (stats, started)
             else:
                 stats = self.carried(uuid, stats, started)
@@ -1404,7 +1422,7 @@ class Sampler(object):
             domains.append((uuid, dom.name(), stats))
         if fallback:
             duration += self.read_fallback(conn, domains, fallback)
-        duration += self.jobs.read(domains, handles, fulls)
+        duration += self.jobs.read(domains, handles)
         self.busy_seconds += duration
         self.hypervisor.answered()
         sample = Sample(self.latest.seq + 1, started, duration, domains,
@@ -1463,6 +1481,9 @@ class Sampler(object):
                 stats["vadvisor.stats_age"] = 0
                 return stats
         merged = dict(base)
+        if base.get("state.state") != stats.get("state.state"):
+            for key in [k for k in merged if ".error." in k]:
+                del merged[key]     # disk errors are a pause's: read again at the full read
         # A value the kernel gave last time, but not this time (a vCPU thread or a
         # tap that went), stays that newer value rather than the full record's.
         merged.update(self.kernel_values.get(uuid, ()))
@@ -1580,7 +1601,12 @@ class Sampler(object):
     def publish(self, sample):
         self.history.add(sample)
         with self.new_sample:
-            self.previous, self.latest = self.latest, sample
+            # the overview's rates span at least half an --interval: a live
+            # request's sample right after a fast one does not make a new base
+            if self.previous is None or sample.time - self.latest.time >= self.interval / 2:
+                self.previous = self.latest
+                self.previous.cache = {}    # its rendered bodies are no longer served
+            self.latest = sample
             self.samples_total += 1
             self.durations["full" if sample.full else "fast"] = sample.duration
             if sample.full:
@@ -2689,13 +2715,15 @@ class DomainPlan(object):
 # The overview (/api/v1.0/overview, the page's table): one row per domain, its
 # columns from the metric table's families, summed over devices.  "rate": per
 # second between the two latest samples; "percent": the same, of one core.
+# "full rate": per second between the domain's two latest full reads (its disks
+# are read only then).
 OVERVIEW_COLUMNS = (
     ("vcpus", "vm_vcpus", "value"),
     ("cpu_percent", "vm_cpu_seconds_total", "percent"),
     ("memory_bytes", "vm_memory_bytes", "value"),
     ("rss_bytes", "vm_memory_rss_bytes", "value"),
-    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "rate"),
-    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "rate"),
+    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate"),
+    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate"),
     ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate"),
     ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
 )
@@ -2705,7 +2733,7 @@ OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
 def family_totals(table, sample):
     """{uuid: {family: value summed over devices}} of the overview's families,
     worked out once per sample."""
-    totals = sample.cache.get("totals")
+    totals = sample.derived.get("totals")
     if totals is None:
         wanted = set(family for _, family, _ in OVERVIEW_COLUMNS)
         totals = {}
@@ -2713,35 +2741,65 @@ def family_totals(table, sample):
             if family.name in wanted:
                 mine = totals.setdefault(uuid, {})
                 mine[family.name] = mine.get(family.name, 0) + number
-        sample.cache["totals"] = totals
+        sample.derived["totals"] = totals
     return totals
 
 
-def overview_value(how, now, before, seconds):
-    if now is None or how == "value":
-        return now
-    if before is None or seconds <= 0 or now < before:
-        return None         # no earlier sample, or the counter started again
-    rate = (now - before) / seconds
-    return round(rate * 100, 2) if how == "percent" else round(rate, 1)
+def counter_rate(now, before, seconds):
+    if now is None or before is None or seconds <= 0 or now < before:
+        return None         # no earlier value, or the counter started again
+    return (now - before) / seconds
 
 
-def overview(table, sample, previous, contexts):
-    """The overview document: columns once, then one list of values per domain."""
-    totals = family_totals(table, sample)
-    before = family_totals(table, previous) if previous is not None else {}
-    seconds = sample.time - previous.time if previous is not None else 0
-    rows = []
-    for uuid, name, stats in sample.domains:
-        mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
-        row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
-               stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
-        row += [overview_value(how, mine.get(family), earlier.get(family), seconds)
-                for _, family, how in OVERVIEW_COLUMNS]
-        rows.append(row)
-    return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
-            "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
-            "domains": rows}
+class Overview(object):
+    """The overview document: columns once, then one list of values per domain.
+
+    Rates span the latest sample and the one before it (Sampler.previous, at
+    least half an --interval older); full-tier counters span the domain's two
+    latest full reads, whose rate is kept between them."""
+
+    def __init__(self, table):
+        self.table = table
+        self.full_rates = {}    # uuid -> {family: (rate, read at)}
+
+    def document(self, sample, previous, contexts):
+        totals = family_totals(self.table, sample)
+        before = family_totals(self.table, previous) if previous is not None else {}
+        earlier_stats = dict((u, st) for u, _, st in previous.domains) if previous else {}
+        seconds = sample.time - previous.time if previous is not None else 0
+        rows = []
+        for uuid, name, stats in sample.domains:
+            mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
+            row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
+                   stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
+            for _, family, how in OVERVIEW_COLUMNS:
+                if how == "value":
+                    value = mine.get(family)
+                elif how == "full rate":
+                    value = self.full_rate(uuid, family, sample.time, stats, mine,
+                                           previous, earlier_stats.get(uuid), earlier)
+                else:
+                    value = counter_rate(mine.get(family), earlier.get(family), seconds)
+                    value = None if value is None else value * 100 if how == "percent" else value
+                row.append(None if value is None else round(value, 2))
+            rows.append(row)
+        for uuid in [u for u in self.full_rates if u not in totals]:
+            del self.full_rates[uuid]
+        return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
+                "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
+                "domains": rows}
+
+    def full_rate(self, uuid, family, when, stats, mine, previous, earlier_stats, earlier):
+        """The rate of a counter read only at full reads, dated by their stats_age."""
+        kept = self.full_rates.setdefault(uuid, {})
+        read_at = when - stats.get("vadvisor.stats_age", 0)
+        if earlier_stats is not None:
+            before_at = previous.time - earlier_stats.get("vadvisor.stats_age", 0)
+            if read_at - before_at > 0.5:
+                rate = counter_rate(mine.get(family), earlier.get(family), read_at - before_at)
+                kept[family] = (rate, read_at)
+        rate, _ = kept.get(family, (None, 0))
+        return rate
 
 
 def domain_context(info, metadata_labels):
@@ -2794,13 +2852,16 @@ EVENT_FAMILIES = (
     ("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
      "MemoryFailure", ("action",)),
     ("vm_jobs_completed_total", "Jobs that ended, by operation and result (completed: a "
-     "JobCompleted event; failed, cancelled: a running job the sampler saw end without one).",
+     "JobCompleted event, or libvirt's record of a job seen ending without one; failed: also "
+     "a migration with no record).",
      "JobCompleted", ("operation", "result")),
 )
+# The families a domain that left keeps for --down-minutes: its departure's.
+DEPARTURE_FAMILIES = ("vm_jobs_completed_total",)
 # Gauges of the domain's latest JobCompleted event: (family, help, its field, divisor
 # from libvirt's unit, ms; 0: none).
 LAST_JOB_FAMILIES = (
-    ("vm_last_job_downtime_seconds", "Downtime of the domain's latest completed migration.",
+    ("vm_last_job_downtime_seconds", "Downtime of the domain's latest completed job (migration, save).",
      "downtime", 1000),
     ("vm_last_job_elapsed_seconds", "Time the domain's latest completed job took.",
      "time_elapsed", 1000),
@@ -3060,6 +3121,8 @@ class Agent(object):
         self.started = time.time()
         self.render_lock = threading.Lock()
         self.page_body = None
+        self.overviews = Overview(formatter.table if formatter is not None else None)
+        self.overview_lock = threading.Lock()
 
     def metrics_body(self, openmetrics, want_gzip):
         """The /metrics body: the sample's part is rendered (and compressed) once.
@@ -3097,27 +3160,29 @@ class Agent(object):
         return head + compressor.compress(tail) + compressor.flush()
 
     def event_counters(self, sample, openmetrics):
-        """The vm_*_total families of events and the vm_last_job_* gauges, for the
-        sample's domains and those gone within --down-minutes (a domain that
-        migrated away keeps its migration's figures that long)."""
+        """The vm_*_total families of events for the sample's domains; the job
+        families (DEPARTURE_FAMILIES) also for those gone within --down-minutes:
+        a domain that migrated away keeps its migration's figures (its
+        JobCompleted event comes as it goes)."""
         with self.hub.lock:
             tallies = dict((u, dict(c)) for u, (_, c) in self.hub.tallies.items())
             last_jobs = dict(self.hub.last_jobs)
-        domains = [(uuid, name) for uuid, name, _ in sample.domains] + list(sample.gone)
+        present = [(uuid, name) for uuid, name, _ in sample.domains]
         families = []
         for family, help_text, _, labels in EVENT_FAMILIES:
             rows = []
-            for uuid, name in domains:
+            gone = list(sample.gone) if family in DEPARTURE_FAMILIES else []
+            for uuid, name in present + gone:
                 counts = tallies.get(uuid, {})
                 found = [(l, n) for (f, l), n in sorted(counts.items()) if f == family]
-                if not found and not labels:
+                if not found and not labels and (uuid, name) not in gone:
                     found = [((), 0)]
                 rows += [((("uuid", uuid), ("name", name)) + l, n) for l, n in found]
             if rows:
                 families.append((family, COUNTER, help_text, rows))
         for family, help_text, field, divisor in LAST_JOB_FAMILIES:
             rows = [((("uuid", uuid), ("name", name)), scaled(last_jobs[uuid][field], 1, divisor))
-                    for uuid, name in domains
+                    for uuid, name in present + list(sample.gone)
                     if type(last_jobs.get(uuid, {}).get(field)) in (int, float)]
             if rows:
                 families.append((family, GAUGE, help_text, rows))
@@ -3206,17 +3271,19 @@ class Agent(object):
 
     def overview(self):
         """The overview document's JSON, once per sample."""
-        sample, previous = self.sampler.latest, self.sampler.previous
-        body = sample.cache.get("overview")
+        with self.sampler.new_sample:
+            sample, previous = self.sampler.latest, self.sampler.previous
+        body = sample.derived.get("overview")
         if body is None:
             specs = self.sampler.specs
             with specs.lock:
                 contexts = dict((uuid, domain_context(info, specs.metadata_labels))
                                 for uuid, (_, info) in specs.infos.items())
-            doc = overview(self.formatter.table, sample, previous, contexts)
+            with self.overview_lock:    # its kept full-read rates are one per domain
+                doc = self.overviews.document(sample, previous, contexts)
             doc["interval"] = self.args.interval
-            body = sample.cache["overview"] = (json.dumps(doc, separators=(",", ":"))
-                                               + "\n").encode("utf-8")
+            body = sample.derived["overview"] = (json.dumps(doc, separators=(",", ":"))
+                                                 + "\n").encode("utf-8")
         return body
 
     def stats(self, uuid):
@@ -3500,6 +3567,12 @@ function rowNode(r) {
   });
   return tr;
 }
+var renderPending = false;
+function renderSoon() {      // one render for a burst of events (a replay brings many)
+  if (renderPending) return;
+  renderPending = true;
+  setTimeout(function () { renderPending = false; render(); }, 0);
+}
 function render() {
   var filter = $("filter").value.toLowerCase(), key = view.sortKey, up = view.sortUp ? 1 : -1;
   var rows = view.rows.filter(function (r) {
@@ -3549,9 +3622,9 @@ function chart(title, series, format) {
   var svg = document.createElementNS(NS, "svg");
   svg.setAttribute("class", "chart"); svg.setAttribute("width", W); svg.setAttribute("height", H);
   if (points.length) {
-    var t0 = Math.min.apply(null, points.map(function (p) { return p[0]; }));
-    var t1 = Math.max.apply(null, points.map(function (p) { return p[0]; }));
-    var top = Math.max.apply(null, points.map(function (p) { return p[1]; })) || 1;
+    var t0 = points.reduce(function (m, p) { return Math.min(m, p[0]); }, Infinity);
+    var t1 = points.reduce(function (m, p) { return Math.max(m, p[0]); }, -Infinity);
+    var top = points.reduce(function (m, p) { return Math.max(m, p[1]); }, 0) || 1;
     series.forEach(function (s, i) {
       var line = document.createElementNS(NS, "polyline");
       line.setAttribute("fill", "none");
@@ -3594,6 +3667,8 @@ function drawCharts(history) {
     })(i);
   }
   function pct(p) { return [p[0], p[1] / 10]; }
+  function kib(m, key) { return m && typeof m[key] === "number" ? m[key] * 1024 : null; }
+  var full = history.filter(function (h) { return h.stats_age === 0; });
   function value(pick) {
     return history.map(function (h) { return [Date.parse(h.timestamp), pick(h)]; })
       .filter(function (p) { return p[1] !== null && p[1] !== undefined; });
@@ -3602,11 +3677,12 @@ function drawCharts(history) {
     chart("CPU per vCPU", vcpus, percent),
     chart("Steal (waiting for a host CPU)", steal, percent),
     chart("Memory", [
-      {name: "assigned", points: value(function (h) { return h.memory && h.memory.actual * 1024; })},
-      {name: "RSS", points: value(function (h) { return h.memory && h.memory.rss * 1024; })}], bytes),
+      {name: "assigned", points: value(function (h) { return kib(h.memory, "actual"); })},
+      {name: "RSS", points: value(function (h) { return kib(h.memory, "rss"); })}], bytes),
+    // disks are read at the full reads only (stats_age 0): their rates span those
     chart("Disk", [
-      {name: "read", points: rates(history, function (h) { return sum(h.diskio, "rd_bytes"); })},
-      {name: "write", points: rates(history, function (h) { return sum(h.diskio, "wr_bytes"); })}],
+      {name: "read", points: rates(full, function (h) { return sum(h.diskio, "rd_bytes"); })},
+      {name: "write", points: rates(full, function (h) { return sum(h.diskio, "wr_bytes"); })}],
       perSecond),
     chart("Network", [
       {name: "rx", points: rates(history, function (h) {
@@ -3685,7 +3761,7 @@ function onEvent(e) {
   var state = EVENT_STATES[e.event_type];
   if (state) {
     view.rows.forEach(function (r) { if (r.uuid === e.domain_id) r.state = state; });
-    render();
+    renderSoon();
   }
   if (e.domain_id === view.selected) showDomainEvents();
 }
@@ -3696,7 +3772,12 @@ function listen() {
   var source = new EventSource("/api/v1.0/events?start_time=" + encodeURIComponent(since));
   source.onmessage = function (m) { onEvent(JSON.parse(m.data)); };
   source.onopen = function () { view.connects++; $("feed-state").textContent = "live"; };
-  source.onerror = function () { $("feed-state").textContent = "reconnecting"; };
+  source.onerror = function () {
+    $("feed-state").textContent = "reconnecting";
+    // A refused stream (503 at --max-streams, 401) is not retried by the
+    // browser: start a new one a little later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(listen, 5000);
+  };
 }
 
 function loop() {
@@ -3941,6 +4022,8 @@ class Handler(BaseHTTPRequestHandler):
                 since = event_id(self.headers["Last-Event-ID"].strip())
             except ValueError:
                 raise HTTPError(400, "header Last-Event-ID must be an event id")
+        if since is not None and since > self.agent.hub.last_id:
+            since = 0       # an id from before the agent restarted: replay what it has
         replay = None
         if since is not None or "start_time" in params:
             replay = EventFilter(only, excluded, params.get("start_time"), None, since)
