@@ -4415,6 +4415,26 @@ class RealLibvirtTests(unittest.TestCase):
         self.assertTrue(gone, "vm_up disappears after --down-minutes")
         self.assertGreater(time.monotonic() - vanished_at, 2.0)   # 0.05 min = 3 s
 
+    def test_the_pacing_rule_keeps_libvirt_at_most_half_busy(self):
+        """--interval far below a stats call's duration: each call is followed by a
+        rest as long as it took, so libvirt's share of busy time stays near half
+        (the rule is the threshold; a rest of 0 would keep it busy all the time)."""
+        agent = Agent("--interval", "0.01", "--source", "libvirt", "--full-interval", "0.01")
+        try:
+            def counters():
+                fams = agent.metrics(self)
+                return (values(fams, "vadvisor_collect_seconds_total")[0],
+                        values(fams, "vadvisor_samples_total")[0], time.monotonic())
+            busy0, samples0, wall0 = counters()
+            self.assertTrue(wait_for(lambda: counters()[1] >= samples0 + 60, 60, 0.1))
+            busy1, samples1, wall1 = counters()
+        finally:
+            agent.stop()
+        share = (busy1 - busy0) / (wall1 - wall0)
+        print("\n    libvirt busy %.0f%% of the time, %d samples" % (share * 100, samples1 - samples0),
+              end=" ")
+        self.assertLess(share, 0.6)
+
     # -- the JSON API on real guests -------------------------------------------------
     def test_stats_history_grows_one_sample_per_interval(self):
         uuid = self.a.UUIDString()

@@ -2110,6 +2110,11 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
+def up_value(state):
+    """vm_up of a libvirt state: 1 while running, else 0 (paused too)."""
+    return 1 if state == 1 else 0
+
+
 def sample_series(table, sample):
     """Every exported value of a sample, by the metric table, in base units:
     (uuid, name, family, ((label, value), ...), number).  Every format uses it."""
@@ -2121,7 +2126,7 @@ def sample_series(table, sample):
                 continue
             for t in targets(key):
                 if t.family is vm_up:
-                    number = 1 if value == 1 else 0
+                    number = up_value(value)
                 else:
                     number = scaled(value, t.mul, t.div)
                 yield uuid, name, t.family, device_labels(t, stats), number
@@ -2197,7 +2202,7 @@ class PrometheusFormatter(object):
                 value = stats[key]
                 kind = type(value)
                 if up:
-                    text = "1" if value == 1 else "0"
+                    text = str(up_value(value))
                 elif kind is int and not div and mul == 1:
                     text = str(value)
                 elif kind in NUMBER_TYPES:
