@@ -939,6 +939,48 @@ class EventKindTests(unittest.TestCase):
         self.assertEqual(hub.counts["RTCChange"], 10000)
 
 
+class SmallUnitTests(unittest.TestCase):
+    """The small rules the agent is built of, each on inputs written out here."""
+
+    LAST = {"state.state": 1, "vcpu.current": 2, "net.count": 1, "net.0.name": "vnet0",
+            "block.count": 1, "block.0.name": "vda", "block.0.rd.bytes": 512, "cpu.time": 9}
+
+    def test_is_partial(self):
+        partial = {"state.state": 1, "vcpu.current": 2, "net.count": 1, "net.0.name": "vnet0",
+                   "block.count": 1, "block.0.name": "vda", "cpu.time": 10}
+        self.assertTrue(vadvisor.is_partial(self.LAST, partial))      # counters missing
+        for change in ({"state.state": 3}, {"vcpu.current": 1}, {"block.count": 2},
+                       {"block.0.name": "vdb"}, {"net.0.name": "vnet1"}):
+            self.assertFalse(vadvisor.is_partial(self.LAST, dict(partial, **change)), change)
+
+    def test_split_target(self):
+        cases = {"/metrics": ("/metrics", ""), "/a?b=1&c": ("/a", "b=1&c"),
+                 "//x/y?z": ("//x/y", "z"), "/p#frag": ("/p", ""),
+                 "http://host:1/api/v1.0/events?since=3": ("/api/v1.0/events", "since=3"),
+                 "https://h": ("/", "")}
+        for target, expected in cases.items():
+            self.assertEqual(vadvisor.split_target(target), expected, target)
+
+    def test_canonical_uuid(self):
+        want = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+        for text in (want, want.upper(), want.replace("-", "")):
+            self.assertEqual(vadvisor.canonical_uuid(text), want, text)
+        for text in ("", "6695eb01", want + "0", want.replace("6", "g"), "../" + want):
+            self.assertIsNone(vadvisor.canonical_uuid(text), text)
+
+    def test_parse_query(self):
+        parsers = {"live": vadvisor.boolean, "max_events": vadvisor.event_count}
+        self.assertEqual(vadvisor.parse_query("live=true&max_events=-1", parsers),
+                         {"live": True, "max_events": -1})
+        self.assertEqual(vadvisor.parse_query("", parsers), {})
+        for query, says in (("nope=1", "unknown parameter 'nope'"), ("live=true&live=true", "twice"),
+                            ("live=maybe", "parameter 'live'"), ("max_events=x", "'max_events'")):
+            with self.assertRaises(vadvisor.HTTPError) as caught:
+                vadvisor.parse_query(query, parsers)
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn(says, caught.exception.message, query)
+
+
 class JobMappingTests(unittest.TestCase):
     """jobStats() records, disk errors and JobCompleted events to metric families.
     The record is one jobStats() of a bandwidth-limited migration on the bench."""
@@ -3888,6 +3930,53 @@ class TestDriverAgentTests(unittest.TestCase):
         digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
         self.assertIn("script-src 'sha256-%s'" % digest, policy)
         self.assertEqual(page.count("<script"), 1)
+
+    def test_an_absolute_form_target_is_served(self):
+        answer = raw_request(self.agent.port, b"GET http://127.0.0.1/api/v1.0/overview?x HTTP/1.1\r\n"
+                             b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:80])     # x is unknown
+        answer = raw_request(self.agent.port, b"GET http://127.0.0.1/healthz HTTP/1.1\r\n"
+                             b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:80])
+        self.assertIn(b'"status":"ok"', answer)
+
+    def test_history_keeps_history_seconds(self):
+        agent = agent_on_test_driver("--interval", "0.2", "--history", "1")
+        try:
+            def kept():
+                return len(json.loads(agent.get("/api/v1.0/stats/" + TEST_UUID)[2])[TEST_UUID])
+            seen = values(agent.metrics(self), "vadvisor_samples_total")[0]
+            self.assertTrue(wait_for(lambda: values(agent.metrics(self), "vadvisor_samples_total")[0]
+                                     >= seen + 12, 30, 0.1))
+            self.assertIn(kept(), (4, 5, 6))       # 1 s at 0.2 s, not the 12+ samples taken
+        finally:
+            agent.stop()
+
+    def test_listening_on_ipv6_loopback(self):
+        try:
+            socket.socket(socket.AF_INET6).close()
+            probe = socket.create_server(("::1", 0), family=socket.AF_INET6)
+            port = probe.getsockname()[1]
+            probe.close()
+        except OSError as exc:
+            missing("no IPv6 loopback here: %s" % exc)
+        proc = subprocess.Popen([PY, AGENT, "--connect", "test:///default", "--listen", "::1",
+                                 "--port", str(port)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            def answers():
+                try:
+                    conn = http.client.HTTPConnection("::1", port, timeout=2)
+                    conn.request("GET", "/healthz")
+                    return conn.getresponse().status == 200
+                except OSError:
+                    return False
+            self.assertTrue(wait_for(answers, 30, 0.1))
+            with self.assertRaises(OSError):        # and only there
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
     def test_keep_alive_requests_are_not_held_back(self):
         """Headers and body in two writes must not wait for the client's delayed ACK
