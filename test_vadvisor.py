@@ -5070,6 +5070,12 @@ class DomainEventTests(unittest.TestCase):
             added = self.arrive(stream, "DeviceAdded", seen)
             alias = added["details"]["device"]
             self.assertTrue(alias.startswith("usb-disk"), added)
+
+            def targets():      # the spec is read again after the event
+                spec = json.loads(self.agent.get("/api/v1.0/specs/" + self.dom.name())[2])
+                return [(d.get("target") or {}).get("dev") for d in spec["devices"]
+                        if d.get("family") == "disk"]
+            self.assertTrue(wait_for(lambda: "sdb" in targets(), 10), targets())
             seen = len(stream.events())
             self.virsh("detach-disk", self.dom.name(), "sdb", "--live")
             self.assertEqual(self.arrive(stream, "DeviceRemoved", seen)["details"],

@@ -1062,115 +1062,6 @@ class History(object):
             return {uuid: ring.records()} if ring else {}
 
 
-class SpecCache(object):
-    """Domain specifications (XML as JSON), fetched by one spec thread.
-
-    A domain's spec is fetched when it first appears in a sample and again
-    after any lifecycle event for it (a start changes the live XML, a define
-    replaces it); requests never fetch XML themselves.  Reading XML needs no
-    guest, so a hung guest does not hold it up.
-    """
-
-    def __init__(self, metadata_labels=()):
-        self.specs = {}         # uuid -> spec
-        self.infos = {}         # uuid -> (name, domain_info())
-        self.metadata_labels = metadata_labels
-        self.version = 0        # changes whenever an info label does
-        self.info_texts = {}    # (version, openmetrics) -> render_info() text
-        self.dirty = set()      # uuids to fetch again
-        self.lock = threading.Lock()
-        self.seq = 0            # the sample the specs were last refreshed for
-        self.updated = threading.Condition(self.lock)
-        self.pending = None     # (domains, seq) for the worker
-        self.working = False
-
-    def request(self, domains, seq):
-        """Refresh for a new sample in the spec thread; never more than one at a time."""
-        with self.lock:
-            self.pending = (domains, seq)
-            if self.working:
-                return
-            self.working = True
-        threading.Thread(target=self._work, name="specs", daemon=True).start()
-
-    def _work(self):
-        while True:
-            with self.lock:
-                job, self.pending = self.pending, None
-                if job is None:
-                    self.working = False
-                    return
-            try:
-                self.refresh(*job)
-            except Exception as exc:  # keep specs flowing whatever one round met
-                log.warning("spec refresh failed: %s", exc)
-
-    def mark(self, uuid):
-        with self.lock:
-            self.dirty.add(uuid)
-
-    def info_text(self, openmetrics=False):
-        """The info families of every domain, rendered once per change."""
-        with self.lock:
-            key = (self.version, openmetrics)
-            text = self.info_texts.get(key)
-            if text is None:
-                text = self.info_texts[key] = render_info(self.infos, self.metadata_labels,
-                                                          openmetrics)
-            return text
-
-    def peek(self, uuid):
-        """The spec of a uuid as it is now, without waiting (the sampler's use)."""
-        return self.specs.get(uuid)
-
-    def refresh(self, domains, seq):
-        """Fetch what is missing or dirty; domains maps uuid -> virDomain."""
-        with self.lock:
-            wanted = [u for u in domains if u not in self.specs or u in self.dirty]
-            self.dirty.difference_update(wanted)
-        fetched, infos = {}, {}
-        for uuid in wanted:
-            try:
-                root = ElementTree.fromstring(domains[uuid].XMLDesc(0))
-                fetched[uuid] = element_json(root)
-                infos[uuid] = (element_text(root, "name") or "",
-                               domain_info(root, self.metadata_labels))
-            except libvirt.libvirtError as exc:
-                log.debug("spec of %s not read: %s", uuid, exc)
-                self.mark(uuid)   # try again next round
-            except ElementTree.ParseError as exc:
-                log.warning("spec of %s is not valid XML: %s", uuid, exc)
-        with self.lock:
-            self.specs.update(fetched)
-            changed = any(self.infos.get(u) != i for u, i in infos.items())
-            self.infos.update(infos)
-            for table in (self.specs, self.infos):
-                for uuid in [u for u in table if u not in domains]:
-                    del table[uuid]
-                    changed = True
-            if changed:
-                self.version += 1
-                self.info_texts = {}
-            self.seq = seq
-            self.updated.notify_all()
-
-    def get(self, key, seq=0, timeout=0):
-        """The spec for a uuid or name, once specs are as new as sample seq."""
-        with self.lock:
-            self.updated.wait_for(lambda: self.seq >= seq, timeout)
-            spec = self.specs.get(canonical_uuid(key) or key)
-            if spec is None:
-                for candidate in self.specs.values():
-                    if candidate.get("name", {}).get("value") == key:
-                        return candidate
-            return spec
-
-    def all(self):
-        with self.lock:
-            specs = list(self.specs.values())
-        return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
-
-
 class JobWatch(object):
     """The domains' running jobs (migration, save, dump, snapshot): jobStats() of
     each domain that has one, every fast round, and how each job ended.
@@ -2099,7 +1990,7 @@ class MetricTable(object):
 
 
 # =============================================================================
-# Formatters: Prometheus text and OpenMetrics, JSON
+# Formatters: Prometheus text and OpenMetrics, StatsD, JSON, specs and info labels
 # =============================================================================
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -2170,6 +2061,38 @@ def family_header(family, openmetrics):
     return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(family.help), name, family.type)
 
 
+class DomainPlan(object):
+    """One domain's series labels, valid while its keys and device names stay.
+
+    A domain has a handful of label sets (itself, each vCPU, disk and NIC);
+    each is one string, '{uuid="..",name="..",device=".."} ' less the brace,
+    shared by every family that uses it."""
+
+    __slots__ = ("name", "shape", "name_keys", "names", "labels", "keys", "targets")
+
+    def __init__(self, table, uuid, name, stats):
+        self.name, self.shape = name, tuple(stats)
+        prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
+        name_keys, self.labels, self.keys, self.targets = set(), [], [], []
+        shared = {}
+        for key, value in stats.items():
+            if type(value) not in NUMBER_TYPES:
+                continue
+            for t in table.targets(key):
+                name_keys.update(name_key for _, name_key, _ in t.devices if name_key)
+                labels = prefix + "".join(',%s="%s"' % (label, escape_label(device))
+                                          for label, device in device_labels(t, stats)) + "} "
+                self.labels.append(shared.setdefault(labels, labels))
+                self.keys.append(key)
+                self.targets.append(t.summary)      # shared by every domain
+        self.name_keys = tuple(sorted(name_keys))
+        self.names = tuple(stats.get(k) for k in self.name_keys)
+
+    def fits(self, name, stats):
+        return (name == self.name and tuple(stats) == self.shape
+                and tuple(stats.get(k) for k in self.name_keys) == self.names)
+
+
 class PrometheusFormatter(object):
     """Renders a sample; families stay contiguous however domains interleave.
 
@@ -2225,6 +2148,171 @@ class PrometheusFormatter(object):
             parts.extend(buckets[family])
         return "".join(parts)
 
+
+def render_families(families, openmetrics=False):
+    """Text for small families given as [(name, type, help, [(labels, value)])]."""
+    parts = []
+    for name, mtype, help_text, samples in families:
+        parts.append(family_header(Family(name, mtype, help_text, 0), openmetrics))
+        for labels, value in samples:
+            text = ",".join('%s="%s"' % (k, escape_label(str(v))) for k, v in labels)
+            parts.append("%s%s %s\n" % (name, "{%s}" % text if text else "",
+                                         format_number(value)))
+    return "".join(parts)
+
+
+# -- StatsD push ---------------------------------------------------------------
+
+# Keys: <prefix>.<uuid>.<metric> and <prefix>.<uuid>.<device>.<metric>, where
+# <metric> is the Prometheus family name without "vm_", "_" turned into ".",
+# and <device> is the device's name (interface, disk, monitor) or, for an
+# index, the label and the index ("cpu0", "iothread1", "node0").  Every value
+# is an absolute gauge in base units: a "|c" counter would be read as an
+# increment, and nanoseconds lose precision in StatsD's JavaScript numbers.
+
+STATSD_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_\-]")
+STATSD_TAG_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def statsd_word(text):
+    """A key segment the reference server keeps as it is (no '.', which separates)."""
+    return STATSD_UNSAFE_RE.sub("_", text) or "_"
+
+
+def statsd_metric(family):
+    return family.name[3:].replace("_", ".") if family.name.startswith("vm_") \
+        else family.name.replace("_", ".")
+
+
+def statsd_device(devices):
+    """'vda', 'cpu0', 'mon0.node1', 'vda.unspec': the device part of a key or tag."""
+    return ".".join(statsd_word(value) if label in NAMED_DEVICES or label in WORD_PLACEHOLDERS
+                    else label + value for label, value in devices)
+
+
+def statsd_value(number):
+    """The value part; a negative gauge is sent as a reset to 0 then a delta,
+    since '-5|g' alone means 'subtract 5'.  Both go into one datagram."""
+    text = format_number(number)
+    return ("0|g", text + "|g") if number < 0 else (text + "|g",)
+
+
+def statsd_lines(table, sample, prefix="vm", tags=False):
+    """[(line, ...)] per value: the lines of one group must share a datagram."""
+    groups = []
+    for uuid, name, family, devices, number in sample_series(table, sample):
+        if number != number or number in (math.inf, -math.inf):
+            continue    # StatsD has no spelling for NaN or infinity
+        metric = statsd_metric(family)
+        if tags:
+            key = "%s.%s" % (prefix, metric)
+            tag = "|#uuid:%s,name:%s" % (uuid, STATSD_TAG_UNSAFE_RE.sub("_", name))
+            if devices:
+                tag += ",device:" + statsd_device(devices)
+        else:
+            parts = [prefix, uuid] + ([statsd_device(devices)] if devices else []) + [metric]
+            key, tag = ".".join(parts), ""
+        groups.append(tuple("%s:%s%s" % (key, value, tag) for value in statsd_value(number)))
+    return groups
+
+
+def statsd_packets(groups, max_size):
+    """Datagrams of at most max_size bytes; a group never split.
+
+    Returns (packets, dropped groups that alone exceed max_size)."""
+    packets, dropped, current, size = [], [], [], 0
+    for group in groups:
+        data = "\n".join(group).encode("utf-8")
+        if len(data) > max_size:
+            dropped.append(group)
+            continue
+        if current and size + 1 + len(data) > max_size:
+            packets.append(b"\n".join(current))
+            current, size = [], 0
+        size += len(data) + (1 if current else 0)
+        current.append(data)
+    if current:
+        packets.append(b"\n".join(current))
+    return packets, dropped
+
+
+class StatsdEmitter(object):
+    """Sends the latest sample to StatsD every --statsd-interval seconds.
+
+    Its own thread: a dead, unresolvable or refusing target costs this thread
+    time, never the sampler's or a request's.  The host name is resolved again
+    every interval; errors are counted and logged at most once a minute.
+    """
+
+    def __init__(self, sampler, host, port=8125, interval=15.0, prefix="vm", tags=False,
+                 max_packet=1432):
+        self.sampler, self.host, self.port = sampler, host, port
+        self.interval, self.prefix, self.tags, self.max_packet = interval, prefix, tags, max_packet
+        self.packets_total = 0
+        self.errors_total = 0
+        self.last_warning = 0.0
+        self.sock = self.address = None
+        self.stopping = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self.run, name="statsd", daemon=True).start()
+
+    def stop(self):
+        self.stopping.set()
+
+    def run(self):
+        while not self.stopping.wait(self.interval):
+            try:
+                self.send(self.sampler.latest)
+            except Exception as exc:  # never let the emitter thread die
+                self.failed("StatsD push failed: %s" % exc)
+
+    def send(self, sample):
+        if not sample.time:
+            return      # nothing sampled yet
+        groups = statsd_lines(self.sampler.table, sample, self.prefix, self.tags)
+        packets, dropped = statsd_packets(groups, self.max_packet)
+        if dropped:
+            self.failed("%d StatsD lines longer than --statsd-max-packet %d dropped, e.g. %s"
+                        % (len(dropped), self.max_packet, dropped[0][0][:80]), len(dropped))
+        try:
+            sock = self.connect()
+            for packet in packets:
+                sock.send(packet)
+                self.packets_total += 1
+        except (OSError, UnicodeError) as exc:
+            self.disconnect()
+            self.failed("StatsD %s:%d: %s" % (self.host, self.port, exc))
+
+    def connect(self):
+        """A UDP socket connected to the host's current address.
+
+        Connected and kept, so an ICMP refusal of one datagram shows up as an
+        error on a later send instead of passing unnoticed."""
+        family, _, _, _, address = socket.getaddrinfo(self.host, self.port, 0,
+                                                      socket.SOCK_DGRAM)[0]
+        if self.sock is None or address != self.address:
+            self.disconnect()
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.sock.connect(address)
+            self.address = address
+        return self.sock
+
+    def disconnect(self):
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.address = None
+
+    def failed(self, message, count=1):
+        self.errors_total += count
+        now = time.monotonic()
+        if now - self.last_warning >= 60 or not self.last_warning:
+            self.last_warning = now
+            log.warning("%s (errors so far: %d; logged at most once a minute)",
+                        message, self.errors_total)
+
+
+# -- JSON: stats and the overview ----------------------------------------------
 
 def json_text(value, target):
     """A value as JSON text in the JSON API's unit; NaN and infinities become null."""
@@ -2309,6 +2397,112 @@ def put(where, path, value):
     where[path[-1]] = value
 
 
+# The overview (/api/v1.0/overview, the page's table): one row per domain, its
+# columns from the metric table's families, summed over devices.  "rate": per
+# second between the two latest samples; "percent": the same, of one core.
+# "full rate": per second between the domain's two latest full reads (its disks
+# are read only then).
+OVERVIEW_COLUMNS = (
+    ("vcpus", "vm_vcpus", "value"),
+    ("cpu_percent", "vm_cpu_seconds_total", "percent"),
+    ("memory_bytes", "vm_memory_bytes", "value"),
+    ("rss_bytes", "vm_memory_rss_bytes", "value"),
+    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate"),
+    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate"),
+    ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate"),
+    ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
+)
+OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
+
+
+def family_totals(table, sample):
+    """{uuid: {family: value summed over devices}} of the overview's families,
+    worked out once per sample."""
+    totals = sample.derived.get("totals")
+    if totals is None:
+        wanted = set(family for _, family, _ in OVERVIEW_COLUMNS)
+        totals = {}
+        for uuid, _, family, _, number in sample_series(table, sample):
+            if family.name in wanted:
+                mine = totals.setdefault(uuid, {})
+                mine[family.name] = mine.get(family.name, 0) + number
+        sample.derived["totals"] = totals
+    return totals
+
+
+def counter_rate(now, before, seconds):
+    if now is None or before is None or seconds <= 0 or now < before:
+        return None         # no earlier value, or the counter started again
+    return (now - before) / seconds
+
+
+class Overview(object):
+    """The overview document: columns once, then one list of values per domain.
+
+    Rates span the latest sample and the one before it (Sampler.previous, at
+    least half an --interval older); full-tier counters span the domain's two
+    latest full reads, whose rate is kept between them."""
+
+    def __init__(self, table):
+        self.table = table
+        self.full_rates = {}    # uuid -> {family: (rate, read at)}
+
+    def document(self, sample, previous, contexts):
+        totals = family_totals(self.table, sample)
+        before = family_totals(self.table, previous) if previous is not None else {}
+        earlier_stats = dict((u, st) for u, _, st in previous.domains) if previous else {}
+        seconds = sample.time - previous.time if previous is not None else 0
+        rows = []
+        for uuid, name, stats in sample.domains:
+            mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
+            row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
+                   stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
+            for _, family, how in OVERVIEW_COLUMNS:
+                if how == "value":
+                    value = mine.get(family)
+                elif how == "full rate":
+                    value = self.full_rate(uuid, family, sample.time, stats, mine,
+                                           previous, earlier_stats.get(uuid), earlier)
+                else:
+                    value = counter_rate(mine.get(family), earlier.get(family), seconds)
+                    value = None if value is None else value * 100 if how == "percent" else value
+                row.append(None if value is None else round(value, 2))
+            rows.append(row)
+        for uuid in [u for u in self.full_rates if u not in totals]:
+            del self.full_rates[uuid]
+        return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
+                "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
+                "domains": rows}
+
+    def full_rate(self, uuid, family, when, stats, mine, previous, earlier_stats, earlier):
+        """The rate of a counter read only at full reads, dated by their stats_age."""
+        kept = self.full_rates.setdefault(uuid, {})
+        read_at = when - stats.get("vadvisor.stats_age", 0)
+        if earlier_stats is not None:
+            before_at = previous.time - earlier_stats.get("vadvisor.stats_age", 0)
+            if read_at - before_at > 0.5:
+                rate = counter_rate(mine.get(family), earlier.get(family), read_at - before_at)
+                kept[family] = (rate, read_at)
+        rate, _ = kept.get(family, (None, 0))
+        return rate
+
+
+def domain_context(info, metadata_labels):
+    """Whose VM it is, in a few words: its OpenStack project, its --metadata-label
+    values, else its title."""
+    openstack = info.get("vm_openstack_info")
+    if openstack:
+        project = openstack[0][2] or openstack[0][1]
+        return "project %s" % project if project else ""
+    picked = info.get("vm_metadata_info")
+    if picked:
+        return " ".join("%s=%s" % (label, value)
+                        for (label, _), value in zip(metadata_labels, picked[0]) if value)
+    return info.get("vm_info", [("",) * 5])[0][4]
+
+
+# -- Specs and info labels from the domain XML ---------------------------------
+
 # Domain XML to JSON.  Lossless rules:
 #  * an element becomes an object: its attributes are keys, its text (unless
 #    only white space) is "value", each child element is a key named by its tag;
@@ -2358,7 +2552,6 @@ def element_json(elem):
     return obj
 
 
-# -- info labels from the domain XML -----------------------------------------------
 #
 # Gauges of value 1 whose labels say what a domain is and whose it is, joined
 # in PromQL with `* on(uuid) group_left(...)`.  They come from the XML the spec
@@ -2530,303 +2723,113 @@ def render_info(infos, metadata_labels, openmetrics=False):
     return "".join(parts)
 
 
-# -- StatsD ----------------------------------------------------------------------
-#
-# Keys: <prefix>.<uuid>.<metric> and <prefix>.<uuid>.<device>.<metric>, where
-# <metric> is the Prometheus family name without "vm_", "_" turned into ".",
-# and <device> is the device's name (interface, disk, monitor) or, for an
-# index, the label and the index ("cpu0", "iothread1", "node0").  Every value
-# is an absolute gauge in base units: a "|c" counter would be read as an
-# increment, and nanoseconds lose precision in StatsD's JavaScript numbers.
+class SpecCache(object):
+    """Domain specifications (XML as JSON), fetched by one spec thread.
 
-STATSD_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_\-]")
-STATSD_TAG_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
-
-
-def statsd_word(text):
-    """A key segment the reference server keeps as it is (no '.', which separates)."""
-    return STATSD_UNSAFE_RE.sub("_", text) or "_"
-
-
-def statsd_metric(family):
-    return family.name[3:].replace("_", ".") if family.name.startswith("vm_") \
-        else family.name.replace("_", ".")
-
-
-def statsd_device(devices):
-    """'vda', 'cpu0', 'mon0.node1', 'vda.unspec': the device part of a key or tag."""
-    return ".".join(statsd_word(value) if label in NAMED_DEVICES or label in WORD_PLACEHOLDERS
-                    else label + value for label, value in devices)
-
-
-def statsd_value(number):
-    """The value part; a negative gauge is sent as a reset to 0 then a delta,
-    since '-5|g' alone means 'subtract 5'.  Both go into one datagram."""
-    text = format_number(number)
-    return ("0|g", text + "|g") if number < 0 else (text + "|g",)
-
-
-def statsd_lines(table, sample, prefix="vm", tags=False):
-    """[(line, ...)] per value: the lines of one group must share a datagram."""
-    groups = []
-    for uuid, name, family, devices, number in sample_series(table, sample):
-        if number != number or number in (math.inf, -math.inf):
-            continue    # StatsD has no spelling for NaN or infinity
-        metric = statsd_metric(family)
-        if tags:
-            key = "%s.%s" % (prefix, metric)
-            tag = "|#uuid:%s,name:%s" % (uuid, STATSD_TAG_UNSAFE_RE.sub("_", name))
-            if devices:
-                tag += ",device:" + statsd_device(devices)
-        else:
-            parts = [prefix, uuid] + ([statsd_device(devices)] if devices else []) + [metric]
-            key, tag = ".".join(parts), ""
-        groups.append(tuple("%s:%s%s" % (key, value, tag) for value in statsd_value(number)))
-    return groups
-
-
-def statsd_packets(groups, max_size):
-    """Datagrams of at most max_size bytes; a group never split.
-
-    Returns (packets, dropped groups that alone exceed max_size)."""
-    packets, dropped, current, size = [], [], [], 0
-    for group in groups:
-        data = "\n".join(group).encode("utf-8")
-        if len(data) > max_size:
-            dropped.append(group)
-            continue
-        if current and size + 1 + len(data) > max_size:
-            packets.append(b"\n".join(current))
-            current, size = [], 0
-        size += len(data) + (1 if current else 0)
-        current.append(data)
-    if current:
-        packets.append(b"\n".join(current))
-    return packets, dropped
-
-
-class StatsdEmitter(object):
-    """Sends the latest sample to StatsD every --statsd-interval seconds.
-
-    Its own thread: a dead, unresolvable or refusing target costs this thread
-    time, never the sampler's or a request's.  The host name is resolved again
-    every interval; errors are counted and logged at most once a minute.
+    A domain's spec is fetched when it first appears in a sample and again
+    after any lifecycle event for it (a start changes the live XML, a define
+    replaces it); requests never fetch XML themselves.  Reading XML needs no
+    guest, so a hung guest does not hold it up.
     """
 
-    def __init__(self, sampler, host, port=8125, interval=15.0, prefix="vm", tags=False,
-                 max_packet=1432):
-        self.sampler, self.host, self.port = sampler, host, port
-        self.interval, self.prefix, self.tags, self.max_packet = interval, prefix, tags, max_packet
-        self.packets_total = 0
-        self.errors_total = 0
-        self.last_warning = 0.0
-        self.sock = self.address = None
-        self.stopping = threading.Event()
+    def __init__(self, metadata_labels=()):
+        self.specs = {}         # uuid -> spec
+        self.infos = {}         # uuid -> (name, domain_info())
+        self.metadata_labels = metadata_labels
+        self.version = 0        # changes whenever an info label does
+        self.info_texts = {}    # (version, openmetrics) -> render_info() text
+        self.dirty = set()      # uuids to fetch again
+        self.lock = threading.Lock()
+        self.seq = 0            # the sample the specs were last refreshed for
+        self.updated = threading.Condition(self.lock)
+        self.pending = None     # (domains, seq) for the worker
+        self.working = False
 
-    def start(self):
-        threading.Thread(target=self.run, name="statsd", daemon=True).start()
+    def request(self, domains, seq):
+        """Refresh for a new sample in the spec thread; never more than one at a time."""
+        with self.lock:
+            self.pending = (domains, seq)
+            if self.working:
+                return
+            self.working = True
+        threading.Thread(target=self._work, name="specs", daemon=True).start()
 
-    def stop(self):
-        self.stopping.set()
-
-    def run(self):
-        while not self.stopping.wait(self.interval):
+    def _work(self):
+        while True:
+            with self.lock:
+                job, self.pending = self.pending, None
+                if job is None:
+                    self.working = False
+                    return
             try:
-                self.send(self.sampler.latest)
-            except Exception as exc:  # never let the emitter thread die
-                self.failed("StatsD push failed: %s" % exc)
+                self.refresh(*job)
+            except Exception as exc:  # keep specs flowing whatever one round met
+                log.warning("spec refresh failed: %s", exc)
 
-    def send(self, sample):
-        if not sample.time:
-            return      # nothing sampled yet
-        groups = statsd_lines(self.sampler.table, sample, self.prefix, self.tags)
-        packets, dropped = statsd_packets(groups, self.max_packet)
-        if dropped:
-            self.failed("%d StatsD lines longer than --statsd-max-packet %d dropped, e.g. %s"
-                        % (len(dropped), self.max_packet, dropped[0][0][:80]), len(dropped))
-        try:
-            sock = self.connect()
-            for packet in packets:
-                sock.send(packet)
-                self.packets_total += 1
-        except (OSError, UnicodeError) as exc:
-            self.disconnect()
-            self.failed("StatsD %s:%d: %s" % (self.host, self.port, exc))
+    def mark(self, uuid):
+        with self.lock:
+            self.dirty.add(uuid)
 
-    def connect(self):
-        """A UDP socket connected to the host's current address.
+    def info_text(self, openmetrics=False):
+        """The info families of every domain, rendered once per change."""
+        with self.lock:
+            key = (self.version, openmetrics)
+            text = self.info_texts.get(key)
+            if text is None:
+                text = self.info_texts[key] = render_info(self.infos, self.metadata_labels,
+                                                          openmetrics)
+            return text
 
-        Connected and kept, so an ICMP refusal of one datagram shows up as an
-        error on a later send instead of passing unnoticed."""
-        family, _, _, _, address = socket.getaddrinfo(self.host, self.port, 0,
-                                                      socket.SOCK_DGRAM)[0]
-        if self.sock is None or address != self.address:
-            self.disconnect()
-            self.sock = socket.socket(family, socket.SOCK_DGRAM)
-            self.sock.connect(address)
-            self.address = address
-        return self.sock
+    def peek(self, uuid):
+        """The spec of a uuid as it is now, without waiting (the sampler's use)."""
+        return self.specs.get(uuid)
 
-    def disconnect(self):
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = self.address = None
+    def refresh(self, domains, seq):
+        """Fetch what is missing or dirty; domains maps uuid -> virDomain."""
+        with self.lock:
+            wanted = [u for u in domains if u not in self.specs or u in self.dirty]
+            self.dirty.difference_update(wanted)
+        fetched, infos = {}, {}
+        for uuid in wanted:
+            try:
+                root = ElementTree.fromstring(domains[uuid].XMLDesc(0))
+                fetched[uuid] = element_json(root)
+                infos[uuid] = (element_text(root, "name") or "",
+                               domain_info(root, self.metadata_labels))
+            except libvirt.libvirtError as exc:
+                log.debug("spec of %s not read: %s", uuid, exc)
+                self.mark(uuid)   # try again next round
+            except ElementTree.ParseError as exc:
+                log.warning("spec of %s is not valid XML: %s", uuid, exc)
+        with self.lock:
+            self.specs.update(fetched)
+            changed = any(self.infos.get(u) != i for u, i in infos.items())
+            self.infos.update(infos)
+            for table in (self.specs, self.infos):
+                for uuid in [u for u in table if u not in domains]:
+                    del table[uuid]
+                    changed = True
+            if changed:
+                self.version += 1
+                self.info_texts = {}
+            self.seq = seq
+            self.updated.notify_all()
 
-    def failed(self, message, count=1):
-        self.errors_total += count
-        now = time.monotonic()
-        if now - self.last_warning >= 60 or not self.last_warning:
-            self.last_warning = now
-            log.warning("%s (errors so far: %d; logged at most once a minute)",
-                        message, self.errors_total)
+    def get(self, key, seq=0, timeout=0):
+        """The spec for a uuid or name, once specs are as new as sample seq."""
+        with self.lock:
+            self.updated.wait_for(lambda: self.seq >= seq, timeout)
+            spec = self.specs.get(canonical_uuid(key) or key)
+            if spec is None:
+                for candidate in self.specs.values():
+                    if candidate.get("name", {}).get("value") == key:
+                        return candidate
+            return spec
 
-
-class DomainPlan(object):
-    """One domain's series labels, valid while its keys and device names stay.
-
-    A domain has a handful of label sets (itself, each vCPU, disk and NIC);
-    each is one string, '{uuid="..",name="..",device=".."} ' less the brace,
-    shared by every family that uses it."""
-
-    __slots__ = ("name", "shape", "name_keys", "names", "labels", "keys", "targets")
-
-    def __init__(self, table, uuid, name, stats):
-        self.name, self.shape = name, tuple(stats)
-        prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
-        name_keys, self.labels, self.keys, self.targets = set(), [], [], []
-        shared = {}
-        for key, value in stats.items():
-            if type(value) not in NUMBER_TYPES:
-                continue
-            for t in table.targets(key):
-                name_keys.update(name_key for _, name_key, _ in t.devices if name_key)
-                labels = prefix + "".join(',%s="%s"' % (label, escape_label(device))
-                                          for label, device in device_labels(t, stats)) + "} "
-                self.labels.append(shared.setdefault(labels, labels))
-                self.keys.append(key)
-                self.targets.append(t.summary)      # shared by every domain
-        self.name_keys = tuple(sorted(name_keys))
-        self.names = tuple(stats.get(k) for k in self.name_keys)
-
-    def fits(self, name, stats):
-        return (name == self.name and tuple(stats) == self.shape
-                and tuple(stats.get(k) for k in self.name_keys) == self.names)
-
-
-# The overview (/api/v1.0/overview, the page's table): one row per domain, its
-# columns from the metric table's families, summed over devices.  "rate": per
-# second between the two latest samples; "percent": the same, of one core.
-# "full rate": per second between the domain's two latest full reads (its disks
-# are read only then).
-OVERVIEW_COLUMNS = (
-    ("vcpus", "vm_vcpus", "value"),
-    ("cpu_percent", "vm_cpu_seconds_total", "percent"),
-    ("memory_bytes", "vm_memory_bytes", "value"),
-    ("rss_bytes", "vm_memory_rss_bytes", "value"),
-    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate"),
-    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate"),
-    ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate"),
-    ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
-)
-OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
-
-
-def family_totals(table, sample):
-    """{uuid: {family: value summed over devices}} of the overview's families,
-    worked out once per sample."""
-    totals = sample.derived.get("totals")
-    if totals is None:
-        wanted = set(family for _, family, _ in OVERVIEW_COLUMNS)
-        totals = {}
-        for uuid, _, family, _, number in sample_series(table, sample):
-            if family.name in wanted:
-                mine = totals.setdefault(uuid, {})
-                mine[family.name] = mine.get(family.name, 0) + number
-        sample.derived["totals"] = totals
-    return totals
-
-
-def counter_rate(now, before, seconds):
-    if now is None or before is None or seconds <= 0 or now < before:
-        return None         # no earlier value, or the counter started again
-    return (now - before) / seconds
-
-
-class Overview(object):
-    """The overview document: columns once, then one list of values per domain.
-
-    Rates span the latest sample and the one before it (Sampler.previous, at
-    least half an --interval older); full-tier counters span the domain's two
-    latest full reads, whose rate is kept between them."""
-
-    def __init__(self, table):
-        self.table = table
-        self.full_rates = {}    # uuid -> {family: (rate, read at)}
-
-    def document(self, sample, previous, contexts):
-        totals = family_totals(self.table, sample)
-        before = family_totals(self.table, previous) if previous is not None else {}
-        earlier_stats = dict((u, st) for u, _, st in previous.domains) if previous else {}
-        seconds = sample.time - previous.time if previous is not None else 0
-        rows = []
-        for uuid, name, stats in sample.domains:
-            mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
-            row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
-                   stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
-            for _, family, how in OVERVIEW_COLUMNS:
-                if how == "value":
-                    value = mine.get(family)
-                elif how == "full rate":
-                    value = self.full_rate(uuid, family, sample.time, stats, mine,
-                                           previous, earlier_stats.get(uuid), earlier)
-                else:
-                    value = counter_rate(mine.get(family), earlier.get(family), seconds)
-                    value = None if value is None else value * 100 if how == "percent" else value
-                row.append(None if value is None else round(value, 2))
-            rows.append(row)
-        for uuid in [u for u in self.full_rates if u not in totals]:
-            del self.full_rates[uuid]
-        return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
-                "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
-                "domains": rows}
-
-    def full_rate(self, uuid, family, when, stats, mine, previous, earlier_stats, earlier):
-        """The rate of a counter read only at full reads, dated by their stats_age."""
-        kept = self.full_rates.setdefault(uuid, {})
-        read_at = when - stats.get("vadvisor.stats_age", 0)
-        if earlier_stats is not None:
-            before_at = previous.time - earlier_stats.get("vadvisor.stats_age", 0)
-            if read_at - before_at > 0.5:
-                rate = counter_rate(mine.get(family), earlier.get(family), read_at - before_at)
-                kept[family] = (rate, read_at)
-        rate, _ = kept.get(family, (None, 0))
-        return rate
-
-
-def domain_context(info, metadata_labels):
-    """Whose VM it is, in a few words: its OpenStack project, its --metadata-label
-    values, else its title."""
-    openstack = info.get("vm_openstack_info")
-    if openstack:
-        project = openstack[0][2] or openstack[0][1]
-        return "project %s" % project if project else ""
-    picked = info.get("vm_metadata_info")
-    if picked:
-        return " ".join("%s=%s" % (label, value)
-                        for (label, _), value in zip(metadata_labels, picked[0]) if value)
-    return info.get("vm_info", [("",) * 5])[0][4]
-
-
-def render_families(families, openmetrics=False):
-    """Text for small families given as [(name, type, help, [(labels, value)])]."""
-    parts = []
-    for name, mtype, help_text, samples in families:
-        parts.append(family_header(Family(name, mtype, help_text, 0), openmetrics))
-        for labels, value in samples:
-            text = ",".join('%s="%s"' % (k, escape_label(str(v))) for k, v in labels)
-            parts.append("%s%s %s\n" % (name, "{%s}" % text if text else "",
-                                         format_number(value)))
-    return "".join(parts)
+    def all(self):
+        with self.lock:
+            specs = list(self.specs.values())
+        return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
 
 
 # =============================================================================
