@@ -968,6 +968,16 @@ class SmallUnitTests(unittest.TestCase):
         for text in ("", "6695eb01", want + "0", want.replace("6", "g"), "../" + want):
             self.assertIsNone(vadvisor.canonical_uuid(text), text)
 
+    def test_the_gap_marker_in_both_stream_formats(self):
+        line = vadvisor.gap_marker(41, False)
+        self.assertTrue(line.endswith("\n") and line.count("\n") == 1)
+        self.assertEqual(json.loads(line)["last_id"], 41)
+        self.assertTrue(json.loads(line)["gap"])
+        sse = vadvisor.gap_marker(41, True)
+        event, data, blank = sse.split("\n", 2)
+        self.assertEqual((event, blank), ("event: gap", "\n"))   # not a data message: no id
+        self.assertIn("since=41", json.loads(data[len("data: "):])["error"])
+
     def test_parse_query(self):
         parsers = {"live": vadvisor.boolean, "max_events": vadvisor.event_count}
         self.assertEqual(vadvisor.parse_query("live=true&max_events=-1", parsers),
@@ -1436,6 +1446,19 @@ class StatsdFormatTests(unittest.TestCase):
             self.assertIn(b"cpu.seconds.total:-5.0|g", pair)
         packets, dropped = vadvisor.statsd_packets([("x" * 100,), ("short:1|g",)], 64)
         self.assertEqual((packets, dropped), ([b"short:1|g"], [("x" * 100,)]))
+
+    def test_keys_of_the_opt_in_groups(self):
+        table = vadvisor.MetricTable(collect=vadvisor.OPTIONAL_GROUPS)
+        stats = {"state.state": 1, "vm.mmu_shadow_zapped.sum": 7, "vcpu.0.exits.sum": 3,
+                 "vcpu.0.halt_wait_ns.sum": 2000000000, "perf.cmt": 5,
+                 "iothread.count": 1, "iothread.1.poll-max-ns": 32768}
+        sample = vadvisor.Sample(1, 1.0, 0.0, [(TEST_UUID, "vm", stats)])
+        lines = set(l for group in vadvisor.statsd_lines(table, sample) for l in group)
+        for line in ("vm.%s.kvm.mmu.shadow.zapped.total:7|g", "vm.%s.cpu0.vcpu.kvm.exits.total:3|g",
+                     "vm.%s.cpu0.vcpu.kvm.halt.wait.seconds.total:2.0|g",
+                     "vm.%s.perf.cmt.total:5|g", "vm.%s.iothreads:1|g"):
+            self.assertIn(line % TEST_UUID, lines)
+        self.assertTrue([l for l in lines if ".iothread1.iothread.poll.max" in l], lines)
 
     def test_tags_and_hostile_names(self):
         table = vadvisor.MetricTable(collect=())
