@@ -978,6 +978,52 @@ class SmallUnitTests(unittest.TestCase):
         self.assertEqual((event, blank), ("event: gap", "\n"))   # not a data message: no id
         self.assertIn("since=41", json.loads(data[len("data: "):])["error"])
 
+    def test_spec_cache(self):
+        """Specs read once, again after mark(); gone domains forgotten; the info version
+        moves only when an info label does (a real domain of test:///default)."""
+        needs_libvirt(self)
+        vadvisor.silence_libvirt()
+        conn = libvirt.openReadOnly("test:///default")
+        try:
+            dom = conn.lookupByName("test")
+            cache = vadvisor.SpecCache()
+            cache.refresh({TEST_UUID: dom}, 1)
+            self.assertEqual(cache.get("test")["uuid"]["value"], TEST_UUID)
+            self.assertIs(cache.get(TEST_UUID.upper()), cache.get("test"))
+            self.assertEqual(cache.infos[TEST_UUID][0], "test")
+            version = cache.version
+            first = cache.get(TEST_UUID)
+            cache.refresh({TEST_UUID: dom}, 2)              # nothing dirty: not read again
+            self.assertIs(cache.get(TEST_UUID), first)
+            cache.mark(TEST_UUID)
+            cache.refresh({TEST_UUID: dom}, 3)              # read again, same labels
+            self.assertIsNot(cache.get(TEST_UUID), first)
+            self.assertEqual(cache.version, version)
+            cache.refresh({}, 4)                            # the domain went
+            self.assertIsNone(cache.get("test"))
+            self.assertEqual(cache.version, version + 1)
+            self.assertIsNone(cache.get("test", 99, 0.05))  # a later sample's: waits, then None
+        finally:
+            conn.close()
+
+    def test_the_auth_cache_remembers_only_headers_that_passed(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".users") as f:
+            f.write("ops:" + vadvisor.hash_password("pa55") + "\n")
+            f.flush()
+            users = vadvisor.Users(f.name)
+        good = "Basic " + base64.b64encode(b"ops:pa55").decode()
+        bad = "Basic " + base64.b64encode(b"ops:nope").decode()
+        self.assertFalse(users.check(bad))
+        self.assertEqual(users.passed, {})                  # a failure is never remembered
+        self.assertTrue(users.check(good))
+        self.assertEqual(len(users.passed), 1)
+        key = hashlib.sha256(good.encode()).digest()
+        self.assertIn(key, users.passed)                    # a digest, not the header
+        self.assertFalse(users.check(bad))                  # the cache admits only its header
+        users.passed[key] -= users.REMEMBER_SECONDS + 1     # past its time: PBKDF2 again
+        self.assertTrue(users.check(good))
+        self.assertGreater(users.passed[key], time.monotonic() - 5)
+
     def test_parse_query(self):
         parsers = {"live": vadvisor.boolean, "max_events": vadvisor.event_count}
         self.assertEqual(vadvisor.parse_query("live=true&max_events=-1", parsers),
@@ -4830,6 +4876,30 @@ class RealLibvirtTests(unittest.TestCase):
             receiver.read(3.0)
             self.assertTrue([t for t, l in receiver.messages if "WATCHDOG=1" in l and t > resumed],
                             "WATCHDOG=1 did not resume")
+        finally:
+            agent.stop()
+
+    def test_healthz_says_503_while_samples_are_stale(self):
+        """libvirtd stopped, and a --libvirt-timeout long enough that the agent still
+        takes it for connected: no new sample; past max(3 intervals, 10 s) /healthz
+        says 503 for the stale sample alone, and 200 again once samples come back."""
+        pid = libvirtd_pid()
+        if pid is None:
+            missing("libvirtd runs under another name here (modular daemons)")
+        agent = Agent("--interval", "0.3", "--libvirt-timeout", "60")
+        try:
+            self.assertEqual(agent.get("/healthz")[0], 200)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                self.assertTrue(wait_for(lambda: agent.get("/healthz")[0] == 503, 40, 0.2))
+                self.assertGreaterEqual(time.monotonic() - stopped, 9.5)
+                body = json.loads(agent.get("/healthz")[2])
+                self.assertGreater(body["sample_age_seconds"], 10)
+                self.assertTrue(body["libvirt"]["connected"], body)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            self.assertTrue(wait_for(lambda: agent.get("/healthz")[0] == 200, 60, 0.2))
         finally:
             agent.stop()
 
