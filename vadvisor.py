@@ -1916,7 +1916,7 @@ def parse_json_place(place):
     return None, tuple(place.split("."))
 
 
-def kvm_stat_name(stat, scale):
+def stat_name(stat, scale):
     """Stat names of the rules to Prometheus words: '*_ns' become seconds, '*_bps' bytes per second."""
     stat = re.sub(r"[^a-zA-Z0-9_]", "_", stat)
     if stat.endswith("_ns"):
@@ -1964,7 +1964,7 @@ class MetricTable(object):
             elif named:
                 continue
             else:
-                word, scale = kvm_stat_name(groups["stat"], scale)
+                word, scale = stat_name(groups["stat"], scale)
                 name = name.replace("<stat>", word)
                 help_text = help_text.replace("<stat>", groups["stat"])
                 if not METRIC_NAME_RE.match(name):
@@ -3020,6 +3020,11 @@ class EventHub(object):
         log.debug("event %s", item.json)
         return item
 
+    def resume_point(self, since):
+        """The id to resume after: an id beyond the newest is from before the agent
+        restarted (ids start again), so everything kept follows it."""
+        return 0 if since > self.last_id else since
+
     def _tally(self, name, uuid, series):
         counts = cached(self.tallies, uuid, lambda: (name, {}))[1]
         self.tallies[uuid] = (name, counts)
@@ -4007,6 +4012,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_events(self, query):
         params = parse_query(query, self.EVENT_PARAMS)
+        if "since" in params:
+            params["since"] = self.agent.hub.resume_point(params["since"])
         sse = "text/event-stream" in self.headers.get("Accept", "")
         selected = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is True)
         excluded = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is False)
@@ -4023,11 +4030,10 @@ class Handler(BaseHTTPRequestHandler):
         since = params.get("since")
         if since is None and self.headers.get("Last-Event-ID"):
             try:
-                since = event_id(self.headers["Last-Event-ID"].strip())
+                since = self.agent.hub.resume_point(
+                    event_id(self.headers["Last-Event-ID"].strip()))
             except ValueError:
                 raise HTTPError(400, "header Last-Event-ID must be an event id")
-        if since is not None and since > self.agent.hub.last_id:
-            since = 0       # an id from before the agent restarted: replay what it has
         replay = None
         if since is not None or "start_time" in params:
             replay = EventFilter(only, excluded, params.get("start_time"), None, since)
