@@ -5322,11 +5322,16 @@ class JobEventTests(unittest.TestCase):
         file exists; the firmware's read after a reset pauses the guest."""
         nbdkit = need_tool("nbdkit", "nbdkit")
         flag = os.path.join(IMAGES, PREFIX + "nbd-fail")
+        log = tempfile.NamedTemporaryFile(prefix=PREFIX + "nbdkit-", suffix=".log")
         port = free_port()
-        server = subprocess.Popen([nbdkit, "-f", "-i", "127.0.0.1", "-p", str(port),
+        # -v logs each read the disk serves. QEMU reads sector 0 as it starts (to
+        # guess a geometry), the firmware reads it to boot: the test resets only
+        # after that second read, because a reset during the firmware's start
+        # (seen under TCG) leaves it stuck, never reading the disk again
+        server = subprocess.Popen([nbdkit, "-f", "-v", "-i", "127.0.0.1", "-p", str(port),
                                    "--filter=error", "memory", "1M", "error-rate=100%",
                                    "error=EIO", "error-file=" + flag],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=log)
         stream = StreamClient(self.agent.port)
         name = PREFIX + "nbd"
         try:
@@ -5338,6 +5343,8 @@ class JobEventTests(unittest.TestCase):
             self.assertTrue(wait_for(lambda: listening(port), 10), "nbdkit did not start")
             dom = Bench.conn.createXML(xml, 0)
             self.wait_events(stream, name, [("Started", "Booted")])
+            self.assertTrue(wait_for(lambda: open(log.name, "rb").read().count(b"memory: pread") >= 2,
+                                     60), "the firmware never read the disk")
             open(flag, "w").close()
             dom.reset()
             events = self.wait_events(stream, name, [("IOError", ""), ("Suspended", "IOError")])
@@ -5365,6 +5372,7 @@ class JobEventTests(unittest.TestCase):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             server.terminate()
             server.wait(10)
+            log.close()
 
 
 # -----------------------------------------------------------------------------
