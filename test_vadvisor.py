@@ -236,84 +236,133 @@ def wait_for(predicate, timeout, interval=0.1):
 
 
 class StreamClient(object):
-    """A raw client of /api/v1.0/events?stream=true, NDJSON or SSE, chunked or not."""
+    """A raw client of /api/v1.0/events?stream=true, NDJSON or SSE, chunked or not.
 
-    def __init__(self, port, query="stream=true", headers=(), version="HTTP/1.1"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    A thread of its own receives (chunk bytes at a time, pausing between reads
+    to play a slow client) and keeps each piece with its arrival time; the
+    methods below decode what has arrived so far."""
+
+    def __init__(self, port, query="stream=true", headers=(), version="HTTP/1.1",
+                 rcvbuf=None, pause=0.0, chunk=65536):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(120)
+        self.sock.connect(("127.0.0.1", port))
         head = "".join("%s: %s\r\n" % h for h in headers)
         self.sock.sendall(("GET /api/v1.0/events?%s %s\r\nHost: t\r\n%s\r\n"
                            % (query, version, head)).encode())
-        self.raw = b""
-        while b"\r\n\r\n" not in self.raw:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            self.raw += chunk
-        head, _, self.raw = self.raw.partition(b"\r\n\r\n")
+        self.pause, self.chunk = pause, chunk
+        self.arrivals = []              # (monotonic time, bytes), the head included
+        self.ended = False
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._receive, daemon=True).start()
+        self._parse_head()
+
+    def _receive(self):
+        try:
+            while True:
+                data = self.sock.recv(self.chunk)
+                if not data:
+                    break
+                with self.arrived:
+                    self.arrivals.append((time.monotonic(), data))
+                    self.arrived.notify_all()
+                if self.pause:
+                    time.sleep(self.pause)
+        except OSError:
+            pass
+        with self.arrived:
+            self.ended = True
+            self.arrived.notify_all()
+
+    def _wait(self, predicate, timeout):
+        """Wait until predicate() holds or the stream ends; its last value."""
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while not predicate() and not self.ended:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.arrived.wait(left)
+        return predicate()
+
+    def _parse_head(self):
+        self._wait(lambda: b"\r\n\r\n" in self._raw(), 10)
+        head = self._raw().partition(b"\r\n\r\n")[0]
         lines = head.decode("latin-1").split("\r\n")
         self.status = int(lines[0].split()[1])
         self.headers = dict((n.strip().lower(), v.strip()) for n, _, v in
                             (l.partition(":") for l in lines[1:]))
         self.chunked = self.headers.get("transfer-encoding") == "chunked"
-        self.text = ""
-        self.ended = False
-        self._decode()
+        self.head_size = len(head) + 4
 
-    def _decode(self):
-        """Moves what has arrived from self.raw into self.text, chunk by chunk."""
+    def _raw(self):
+        return b"".join(data for _, data in self.arrivals)
+
+    def body(self):
+        """The body's bytes so far, chunked transfer coding removed."""
+        raw = self._raw()[self.head_size:]
         if not self.chunked:
-            self.text += self.raw.decode("utf-8")
-            self.raw = b""
-            return
-        while b"\r\n" in self.raw:
-            size_line, _, rest = self.raw.partition(b"\r\n")
-            size = int(size_line.strip() or b"0", 16)
-            if len(rest) < size + 2:
-                return          # the rest of this chunk is still on its way
-            self.text += rest[:size].decode("utf-8")
-            self.raw = rest[size + 2:]
-            if size == 0:
-                self.ended = True
-                return
+            return raw
+        parts, at = [], 0
+        while True:
+            line_end = raw.find(b"\r\n", at)
+            if line_end < 0:
+                break
+            size = int(raw[at:line_end].strip() or b"0", 16)
+            start = line_end + 2
+            if len(raw) < start + size + 2:
+                break           # the rest of this chunk is still on its way
+            parts.append(raw[start:start + size])
+            at = start + size + 2
+        return b"".join(parts)
 
-    def _read(self, timeout):
-        self.sock.settimeout(max(timeout, 0.01))
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.ended = True
-        self.raw += data
-        self._decode()
+    @property
+    def text(self):
+        return self.body().decode("utf-8", "replace")
 
     def until(self, predicate, timeout):
-        """Read until predicate(text) holds, the stream ends or timeout passes."""
-        deadline = time.monotonic() + timeout
-        while not predicate(self.text) and not self.ended:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._read(left)
-        return predicate(self.text)
+        """Wait until predicate(text) holds, the stream ends or timeout passes."""
+        return self._wait(lambda: predicate(self.text), timeout)
+
+    def sse(self):
+        """SSE: every complete message so far, as a dict of its fields."""
+        messages = self.text.split("\n\n")[:-1]
+        return [dict(l.split(": ", 1) for l in m.split("\n") if ": " in l and not l.startswith(":"))
+                for m in messages]
 
     def events(self):
-        """Events received so far (SSE: with their id: lines checked)."""
+        """Events received so far, complete ones: NDJSON lines, the gap marker
+        included; SSE data messages, their id: lines checked."""
         if self.headers.get("content-type") == "text/event-stream":
             found = []
-            for message in self.text.split("\n\n"):
-                fields = dict(l.split(": ", 1) for l in message.split("\n") if ": " in l
-                              and not l.startswith(":"))
+            for fields in self.sse():
                 if "data" in fields and "event" not in fields:
                     event = json.loads(fields["data"])
-                    assert int(fields["id"]) == event["id"], message
+                    assert int(fields["id"]) == event["id"], fields
                     found.append(event)
             return found
-        return [json.loads(l) for l in self.text.split("\n") if l.strip()]
+        return [json.loads(l) for l in self.text.split("\n")[:-1] if l.strip()]
+
+    def timed_events(self):
+        """NDJSON events with the time the end of each line arrived."""
+        assert not self.chunked
+        found, line, skip = [], b"", self.head_size
+        for when, data in list(self.arrivals):
+            data, skip = data[skip:], max(0, skip - len(data))
+            line += data
+            while b"\n" in line:
+                complete, _, line = line.partition(b"\n")
+                if complete.strip():
+                    found.append((when, json.loads(complete)))
+        return found
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -2534,42 +2583,6 @@ class TlsAndAuthTests(unittest.TestCase):
             self.assertNotIn(b"Traceback", proc.stdout)
 
 
-class StreamReader(threading.Thread):
-    """Reads an event stream in the background, as fast (or as slowly) as asked."""
-
-    def __init__(self, port, rcvbuf=None, pause=0.0, chunk=65536):
-        threading.Thread.__init__(self, daemon=True)
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(120)
-        self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(b"GET /api/v1.0/events?stream=true HTTP/1.0\r\n\r\n")
-        self.pause, self.chunk = pause, chunk
-        self.data = []
-        self.start()
-
-    def run(self):
-        try:
-            while True:
-                chunk = self.sock.recv(self.chunk)
-                if not chunk:
-                    break
-                self.data.append(chunk)
-                if self.pause:
-                    time.sleep(self.pause)
-        except OSError:
-            pass
-
-    def lines(self):
-        body = b"".join(self.data).partition(b"\r\n\r\n")[2]
-        complete = body.decode("utf-8", "replace").split("\n")[:-1]   # the last may be partial
-        return [json.loads(l) for l in complete if l.strip()]
-
-    def close(self):
-        self.sock.close()
-
-
 class LoadTests(unittest.TestCase):
     """Real guests; many scrapers and streams; an event storm."""
 
@@ -2598,7 +2611,7 @@ class LoadTests(unittest.TestCase):
                     errors.append(repr(exc))
         try:
             self.assertTrue(wait_for(lambda: len(values(agent.metrics(self), "vm_up")) >= 8, 15))
-            streams = [StreamReader(agent.port) for _ in range(100)]
+            streams = [StreamClient(agent.port) for _ in range(100)]
             scrapers = [threading.Thread(target=scrape, daemon=True) for _ in range(50)]
             for t in scrapers:
                 t.start()
@@ -2643,10 +2656,12 @@ class LoadTests(unittest.TestCase):
     def test_event_storm(self):
         agent = Agent("--interval", "1", "--event-history", "2000", "--client-timeout", "120")
         try:
-            fast = StreamReader(agent.port)
-            slow = StreamReader(agent.port, rcvbuf=4096, pause=0.05, chunk=512)
+            fast = StreamClient(agent.port)
+            slow = StreamClient(agent.port, rcvbuf=4096, pause=0.05, chunk=512)
+            slow_sse = StreamClient(agent.port, headers=[("Accept", "text/event-stream")],
+                                    rcvbuf=4096, pause=0.05, chunk=512)
             self.assertTrue(wait_for(lambda: values(agent.metrics(self),
-                                                    "vadvisor_event_streams") == [2], 10))
+                                                    "vadvisor_event_streams") == [3], 10))
             rss_before = agent_rss(agent)
 
             def churn(dom, cycles):
@@ -2664,22 +2679,30 @@ class LoadTests(unittest.TestCase):
                 w.join(600)
             storm = time.monotonic() - started
             names = set(g.name() for g in self.guests)
-            self.assertTrue(wait_for(lambda: sum(1 for e in fast.lines()
+            self.assertTrue(wait_for(lambda: sum(1 for e in fast.events()
                                                  if e.get("domain_name") in names) >= 10000, 30))
-            mine = [e for e in fast.lines() if e.get("domain_name") in names]
+            mine = [e for e in fast.events() if e.get("domain_name") in names]
             self.assertEqual(len(mine), 10000)
-            ids = [e["id"] for e in fast.lines()]
+            ids = [e["id"] for e in fast.events()]
             self.assertEqual(ids, list(range(ids[0], ids[0] + len(ids))))   # all, in order
             history = agent.get("/api/v1.0/events?max_events=-1")[2].decode().splitlines()
             self.assertLessEqual(len(history), 2000)                       # the bound
             self.assertEqual(json.loads(history[-1])["id"], ids[-1])
             self.assertLess(agent_rss(agent) - rss_before, 20 * 2 ** 20)
-            self.assertTrue(wait_for(lambda: any(e.get("gap") for e in slow.lines()), 60),
+            self.assertTrue(wait_for(lambda: any(e.get("gap") for e in slow.events()), 60),
                             "the slow client got no gap marker")
-            gap = [e for e in slow.lines() if e.get("gap")][0]
-            self.assertEqual(slow.lines()[-1], gap)                         # then closed
-            delivered = [e["id"] for e in slow.lines() if "id" in e]
+            gap = [e for e in slow.events() if e.get("gap")][0]
+            self.assertEqual(slow.events()[-1], gap)
+            delivered = [e["id"] for e in slow.events() if "id" in e]
             self.assertEqual(gap["last_id"], delivered[-1])
+            self.assertTrue(wait_for(lambda: slow.ended, 30), "not closed after the gap")
+            # the same over SSE: an "event: gap" message, last, naming the last id sent
+            self.assertTrue(wait_for(lambda: slow_sse.ended, 60), "the slow SSE client kept on")
+            last = slow_sse.sse()[-1]
+            self.assertEqual(last.get("event"), "gap", slow_sse.text[-500:])
+            self.assertEqual(json.loads(last["data"])["last_id"], slow_sse.events()[-1]["id"])
+            self.assertNotIn("id", last)
+            self.assertGreater(len(slow_sse.events()), 10)
             print("\n    10,000 events in %.1f s (%.0f/s)" % (storm, 10000 / storm), end=" ")
             fast.close()
         finally:
@@ -3419,13 +3442,13 @@ def bench_event_latency(guest, clients=100, cycles=20):
     readers = []
     try:
         for _ in range(clients):
-            readers.append(TimedStream(agent.port))
+            readers.append(StreamClient(agent.port, version="HTTP/1.0"))
         assert wait_for(lambda: values(agent.metrics(unittest.TestCase()),
                                        "vadvisor_event_streams") == [clients], 30)
         issued = {"Suspended": [], "Resumed": []}
 
         def arrived(event_type):
-            return [[t for t, e in r.events() if e.get("domain_name") == guest.name()
+            return [[t for t, e in r.timed_events() if e.get("domain_name") == guest.name()
                      and e.get("event_type") == event_type] for r in readers]
         for _ in range(cycles):
             for action, event_type in ((guest.suspend, "Suspended"), (guest.resume, "Resumed")):
@@ -3443,37 +3466,6 @@ def bench_event_latency(guest, clients=100, cycles=20):
         for reader in readers:
             reader.close()
         agent.stop()
-
-
-class TimedStream(threading.Thread):
-    """An NDJSON stream client that notes when each line arrives."""
-
-    def __init__(self, port):
-        threading.Thread.__init__(self, daemon=True)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.sock.sendall(b"GET /api/v1.0/events?stream=true HTTP/1.0\r\n\r\n")
-        self.lines, self.buffer = [], b""
-        self.start()
-
-    def run(self):
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return
-                now = time.monotonic()
-                self.buffer += chunk
-                while b"\n" in self.buffer:
-                    line, _, self.buffer = self.buffer.partition(b"\n")
-                    self.lines.append((now, line))
-        except OSError:
-            pass
-
-    def events(self):
-        return [(t, json.loads(l)) for t, l in self.lines if l.strip().startswith(b"{")]
-
-    def close(self):
-        self.sock.close()
 
 
 PACE = threading.Event()    # never set: the bench's pauses between scrapes
