@@ -36,6 +36,7 @@ import zlib
 import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ElementTree
+from xml.sax.saxutils import escape as xml_escape, quoteattr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.dont_write_bytecode = True      # keep the checkout clean
@@ -209,20 +210,40 @@ def one_response(port, data, timeout=10):
             return received
 
 
+def read_to_end(sock):
+    """Everything a socket receives until the peer closes (or its timeout passes)."""
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except socket.timeout:
+        pass
+    return b"".join(chunks)
+
+
 def raw_request(port, data, timeout=5):
     """Send raw bytes; return everything the server answers until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-        return b"".join(chunks)
+        return read_to_end(s)
+
+
+def run(args, timeout=300, stderr=subprocess.STDOUT, **kw):
+    """A command to its end: its output (stderr within it unless asked apart)."""
+    return subprocess.run(args, stdout=subprocess.PIPE, stderr=stderr, timeout=timeout, **kw)
+
+
+def run_agent(*args, **kw):
+    """vadvisor.py run to its end, stdout and stderr apart."""
+    return run([PY, AGENT] + list(args), stderr=subprocess.PIPE, timeout=kw.pop("timeout", 30), **kw)
+
+
+def help_flags():
+    """Every flag vadvisor.py --help names."""
+    return set(re.findall(r"(--[a-z][a-z-]+)", run_agent("--help").stdout.decode())) - {"--help"}
 
 
 def wait_for(predicate, timeout, interval=0.1):
@@ -376,15 +397,16 @@ class Agent(object):
         self.port = kw.get("port") or free_port()
         self.sampled = kw.get("sampled", True)
         self.log = tempfile.TemporaryFile()
-        self.proc = self._popen(
-            [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args))
+        command = [PY, AGENT, "--listen", "127.0.0.1", "--port", str(self.port)] + list(args)
+        if kw.get("mounts"):        # a shell script, in a private mount namespace, that runs "$@"
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       kw["mounts"], "sh"] + command
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=kw.get("env"))
         ok = wait_for(self._ready, 30)
         if not ok:
             self.stop()
             raise AssertionError("agent did not start: %s" % self.output())
-
-    def _popen(self, args):
-        return subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
 
     def _ready(self):
         if self.proc.poll() is not None:
@@ -410,6 +432,15 @@ class Agent(object):
         status, _, body = self.get("/metrics")
         testcase.assertEqual(status, 200)
         return parse_exposition(testcase, body.decode("utf-8"))
+
+    def fresh_metrics(self, testcase, timeout=15):
+        """/metrics of a sample that started after this call."""
+        begun = time.time()
+        fams = wait_for(lambda: (lambda f: f if values(
+            f, "vadvisor_last_sample_timestamp_seconds")[0] > begun else None)(
+            self.metrics(testcase)), timeout)
+        testcase.assertIsNotNone(fams, "no new sample within %d s" % timeout)
+        return fams
 
     def stop(self):
         if self.proc.poll() is None:
@@ -439,6 +470,28 @@ def need_tool(name, package):
     if path is None:
         missing("%s is missing (apt-get install %s)" % (name, package))
     return path
+
+
+def guest_xml(name, vcpus=1, memory_mib=32, boot_disk=False, devices="", metadata="",
+              title="", qemu_args=(), domain_type=None):
+    """A test guest's XML: no OS, KVM where /dev/kvm is usable, TCG elsewhere.
+    devices and metadata are XML; name and title are escaped here."""
+    if domain_type is None:
+        domain_type = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+    qemu_ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if qemu_args else ""
+    commandline = ("\n  <qemu:commandline>%s</qemu:commandline>" % "".join(
+        "<qemu:arg value=%s/>" % quoteattr(arg) for arg in qemu_args)) if qemu_args else ""
+    return """<domain type='%s'%s>
+  <name>%s</name>%s%s
+  <memory unit='MiB'>%d</memory>
+  <vcpu>%d</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>%s</os>
+  <devices>%s
+    <memballoon model='virtio'/>
+  </devices>%s
+</domain>
+""" % (domain_type, qemu_ns, xml_escape(name), "<title>%s</title>" % xml_escape(title) if title else "",
+       metadata, memory_mib, vcpus, "<boot dev='hd'/>" if boot_disk else "", devices, commandline)
 
 
 def promtool_check(testcase, body):
@@ -1433,8 +1486,8 @@ class EventHubTests(unittest.TestCase):
     def test_old_events_expire(self):
         hub = vadvisor.EventHub(max_age=0.2)
         hub.publish("vm", TEST_UUID, 2, 0)
-        time.sleep(0.3)
-        self.assertEqual(hub.history(vadvisor.EventFilter(), -1), [])
+        self.assertEqual(len(hub.history(vadvisor.EventFilter(), -1)), 1)
+        self.assertTrue(wait_for(lambda: hub.history(vadvisor.EventFilter(), -1) == [], 10))
 
 
 # -----------------------------------------------------------------------------
@@ -1474,34 +1527,50 @@ def expected_statsd(families):
     return found
 
 
-class UdpReceiver(object):
-    """A StatsD stand-in on loopback that records every datagram with its arrival time."""
+class DatagramReceiver(object):
+    """Records every datagram its socket receives, with its arrival time, in a
+    thread of its own (or never reads, when read=False: its queue fills)."""
 
-    def __init__(self, family=socket.AF_INET, host="127.0.0.1"):
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.sock.settimeout(0.2)
-        self.datagrams = []
+    def __init__(self, sock, address, read=True):
+        self.sock = sock
+        self.sock.bind(address)
+        self.sock.settimeout(0.1)
+        self.datagrams = []         # (monotonic time, bytes)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if read:
+            self.thread.start()
 
     def _run(self):
         while not self.stop.is_set():
             try:
-                data = self.sock.recv(65536)
-                self.datagrams.append((time.monotonic(), data))
+                self.datagrams.append((time.monotonic(), self.sock.recv(65536)))
             except socket.timeout:
                 pass
+            except OSError:
+                return
 
     def close(self):
         self.stop.set()
-        self.thread.join(2)
+        if self.thread.is_alive():
+            self.thread.join(2)
         self.sock.close()
 
-    def lines(self):
-        return [l for _, d in self.datagrams for l in d.decode().split("\n")]
+    def lines(self, after=0.0):
+        """Every line of the datagrams that arrived after monotonic time after."""
+        return [l for t, d in list(self.datagrams) if t > after for l in d.decode().split("\n")]
+
+    def until(self, predicate, timeout):
+        """Wait until predicate(lines) holds; its last value."""
+        return wait_for(lambda: predicate(self.lines()), timeout, 0.02)
+
+
+class UdpReceiver(DatagramReceiver):
+    """A StatsD stand-in on loopback."""
+
+    def __init__(self, family=socket.AF_INET, host="127.0.0.1"):
+        DatagramReceiver.__init__(self, socket.socket(family, socket.SOCK_DGRAM), (host, 0))
+        self.port = self.sock.getsockname()[1]
 
 
 class StatsdFormatTests(unittest.TestCase):
@@ -1592,9 +1661,11 @@ class StatsdAgentTests(unittest.TestCase):
             receiver = UdpReceiver(family, host)
             agent = agent_on_test_driver("--statsd-host", host, "--statsd-port", str(receiver.port),
                                          "--statsd-interval", "0.3")
+            up = "vm.%s.up:1|g" % TEST_UUID
             try:
-                time.sleep(1.6)
-                fams = agent.metrics(self)
+                self.assertTrue(receiver.until(lambda lines: lines.count(up) >= 3, 20), host)
+                fams = wait_for(lambda: (lambda f: f if values(
+                    f, "vadvisor_statsd_packets_total")[0] >= 3 else None)(agent.metrics(self)), 10)
             finally:
                 agent.stop()
                 receiver.close()
@@ -1619,7 +1690,8 @@ class StatsdAgentTests(unittest.TestCase):
     def check_failing_target(self, *args):
         agent = agent_on_test_driver("--statsd-interval", "0.2", *args)
         try:
-            time.sleep(1.5)
+            self.assertTrue(wait_for(lambda: values(agent.metrics(self),
+                                                    "vadvisor_statsd_errors_total")[0] >= 2, 20))
             started = time.monotonic()
             fams = agent.metrics(self)
             self.assertLess(time.monotonic() - started, 1.0)
@@ -1639,24 +1711,28 @@ class StatsdAgentTests(unittest.TestCase):
         self.check_failing_target("--statsd-host", "127.0.0.1", "--statsd-port", str(free_port()))
 
     def test_oversized_lines_are_dropped_with_a_warning(self):
+        """--statsd-max-packet 64: "p.<uuid>.up:1|g" (45 bytes) fits, the
+        "p.<uuid>.cpu0.vcpu.seconds.total:..." lines do not."""
         receiver = UdpReceiver()
         agent = agent_on_test_driver("--statsd-host", "127.0.0.1", "--statsd-port",
                                      str(receiver.port), "--statsd-interval", "0.3",
-                                     "--statsd-max-packet", "64",
-                                     "--statsd-prefix", "a-prefix-long-enough-to-overflow")
+                                     "--statsd-max-packet", "64", "--statsd-prefix", "p")
+        up = "p.%s.up:1|g" % TEST_UUID
         try:
-            time.sleep(1.2)
+            self.assertTrue(receiver.until(lambda lines: up in lines, 20))
+            self.assertTrue(wait_for(lambda: "longer than --statsd-max-packet 64" in agent.output(), 10))
+            fams = agent.metrics(self)
         finally:
             agent.stop()
             receiver.close()
         self.assertTrue(all(len(d) <= 64 for _, d in receiver.datagrams))
-        self.assertIn("longer than --statsd-max-packet 64", agent.output())
+        self.assertFalse([l for l in receiver.lines() if ".vcpu.seconds.total:" in l])
+        self.assertGreaterEqual(values(fams, "vadvisor_statsd_errors_total")[0], 1)
 
     def test_bad_statsd_flags(self):
         for args in (["--statsd-prefix", "a..b"], ["--statsd-prefix", "a b"],
                      ["--statsd-max-packet", "10"], ["--statsd-port", "x"]):
-            proc = subprocess.run([PY, AGENT] + args, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
+            proc = run_agent(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertNotIn(b"Traceback", proc.stderr)
 
@@ -1705,7 +1781,10 @@ class StatsdReferenceServerTests(unittest.TestCase):
                       str(receiver.port), "--statsd-interval", "0.4", "--statsd-max-packet", "512")
         try:
             self.sample_with_disks(agent)
-            time.sleep(2.2)
+            up = ("vm.%s.up:" % self.guest.UUIDString()).encode()
+            # pushes of the one sample, every 0.4 s: four of them
+            self.assertTrue(wait_for(lambda: len(set(round(t / 0.4) for t, d in receiver.datagrams
+                                                     if up in d)) >= 5, 20))
             fams = agent.metrics(self)
         finally:
             agent.stop()
@@ -1772,63 +1851,40 @@ class StatsdReferenceServerTests(unittest.TestCase):
 # operations: systemd notify, the unit, the RPM, make install, alert rules
 # -----------------------------------------------------------------------------
 
-def run(args, **kw):
-    return subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=kw.pop("timeout", 300), **kw)
-
-
-class NotifyReceiver(object):
+class NotifyReceiver(DatagramReceiver):
     """A stand-in for systemd's notify socket: a unix datagram socket."""
 
-    def __init__(self, abstract=False):
+    def __init__(self, abstract=False, read=True):
         if abstract:
-            self.address = "\0vadvisor-test-%d-%d" % (os.getpid(), free_port())
-            self.env = "@" + self.address[1:]
+            address = "\0vadvisor-test-%d-%d" % (os.getpid(), free_port())
+            self.env = "@" + address[1:]
         else:
-            self.dir = tempfile.mkdtemp(prefix="vadvisor-notify-")
-            self.address = self.env = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.address)
-        self.sock.settimeout(0.1)
-        self.messages = []      # (monotonic time, [lines])
+            address = self.env = os.path.join(tempfile.mkdtemp(prefix="vadvisor-notify-"), "notify")
+        DatagramReceiver.__init__(self, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+                                  address, read)
 
-    def read(self, seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(4096)
-                self.messages.append((time.monotonic(), data.decode().split("\n")))
-            except socket.timeout:
-                pass
-
-    def lines(self):
-        return [l for _, lines in self.messages for l in lines]
+    def beats(self, after=0.0):
+        return self.lines(after).count("WATCHDOG=1")
 
 
-class NotifyAgent(Agent):
+def notify_agent(receiver, *args, **env):
     """An agent started with systemd's notify environment."""
-
-    def __init__(self, receiver, *args, **env):
-        self.env = dict(os.environ, NOTIFY_SOCKET=receiver.env, **env)
-        Agent.__init__(self, *args)
-
-    def _popen(self, args):
-        return subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+    return Agent(*args, env=dict(os.environ, NOTIFY_SOCKET=receiver.env, **env))
 
 
 class SystemdNotifyTests(unittest.TestCase):
 
     def check_lifecycle(self, abstract):
         receiver = NotifyReceiver(abstract)
-        agent = NotifyAgent(receiver, "--connect", "test:///default", WATCHDOG_USEC="1000000")
+        agent = notify_agent(receiver, "--connect", "test:///default", WATCHDOG_USEC="1000000")
         try:
-            receiver.read(2.6)
+            self.assertTrue(receiver.until(lambda lines: lines.count("WATCHDOG=1") >= 4, 20))
             lines = receiver.lines()
             self.assertEqual(lines.count("READY=1"), 1)
-            first = receiver.messages[0][1]
+            first = receiver.datagrams[0][1].decode().split("\n")
             self.assertEqual(first[0], "READY=1")      # READY comes first, once bound
-            beats = [t for t, l in receiver.messages if "WATCHDOG=1" in l]
-            self.assertGreaterEqual(len(beats), 4)      # every 0.5 s: half of WATCHDOG_USEC
+            # every 0.5 s: half of WATCHDOG_USEC
+            beats = [t for t, d in receiver.datagrams if "WATCHDOG=1" in d.decode().split("\n")]
             gaps = [b - a for a, b in zip(beats, beats[1:])]
             self.assertLess(max(gaps), 0.9)
             status = [l for l in lines if l.startswith("STATUS=")][-1]
@@ -1841,10 +1897,10 @@ class SystemdNotifyTests(unittest.TestCase):
             self.assertLess(time.monotonic() - started, 2.0)
             self.assertTrue(stream.until(lambda t: False, 2) or stream.ended, "stream not closed")
             stream.close()
-            receiver.read(0.3)
-            self.assertIn("STOPPING=1", receiver.lines())
+            self.assertTrue(receiver.until(lambda lines: "STOPPING=1" in lines, 5))
         finally:
             agent.stop()
+            receiver.close()
 
     def test_notify_on_a_path_socket(self):
         needs_libvirt(self)
@@ -1862,18 +1918,19 @@ class SystemdNotifyTests(unittest.TestCase):
         self.assertIsNone(notifier.sock)
 
     def test_a_notify_socket_nobody_reads_never_stalls_sampling(self):
-        receiver = NotifyReceiver()     # never read: its queue fills after a few datagrams
-        agent = NotifyAgent(receiver, "--connect", "test:///default", "--interval", "0.2",
+        receiver = NotifyReceiver(read=False)   # its queue fills after a few datagrams
+        agent = notify_agent(receiver, "--connect", "test:///default", "--interval", "0.2",
                             WATCHDOG_USEC="100000")
         try:
-            time.sleep(4)               # some 80 beats
+            # a beat every 0.05 s: the queue is full once a send failed
+            self.assertTrue(wait_for(lambda: "systemd notify" in agent.output(), 20))
             before = values(agent.metrics(self), "vadvisor_samples_total")[0]
-            time.sleep(1)
-            fams = agent.metrics(self)
-            self.assertGreaterEqual(values(fams, "vadvisor_samples_total")[0] - before, 2)
-            self.assertLess(values(fams, "vadvisor_sample_age_seconds")[0], 2)
+            self.assertTrue(wait_for(lambda: values(agent.metrics(self), "vadvisor_samples_total")[0]
+                                     >= before + 2, 20), "sampling stalled")
+            self.assertLess(values(agent.metrics(self), "vadvisor_sample_age_seconds")[0], 2)
         finally:
             agent.stop()
+            receiver.close()
         self.assertEqual(agent.output().count("systemd notify"), 1, agent.output())
 
     def test_watchdog_pid_of_another_process_is_ignored(self):
@@ -2103,16 +2160,21 @@ def agent_rss(agent):
         return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def libvirtd_pid():
-    """The running libvirtd, by its pid file: a killed one may linger unreaped."""
+def daemon_pid(pid_file, name):
+    """The pid in a daemon's pid file, only if that process is that daemon and
+    alive: a killed one may linger unreaped, a stale file may name another."""
     try:
-        with open("/run/libvirtd.pid") as f:
+        with open(pid_file) as f:
             pid = int(f.read().strip())
         with open("/proc/%d/stat" % pid) as f:
-            alive = f.read().split(") ")[1][0] not in "ZX"
-        return pid if alive else None
+            comm, _, rest = f.read().partition("(")[2].rpartition(") ")
+        return pid if comm == name and rest[0] not in "ZX" else None
     except (OSError, ValueError, IndexError):
         return None
+
+
+def libvirtd_pid():
+    return daemon_pid("/run/libvirtd.pid", "libvirtd")
 
 
 def start_libvirtd():
@@ -2189,22 +2251,21 @@ class LibvirtFaultTests(unittest.TestCase):
 
     def test_a_hung_guest(self):
         receiver = NotifyReceiver()
-        agent = NotifyAgent(receiver, "--interval", "0.5", "--libvirt-timeout", "2",
+        agent = notify_agent(receiver, "--interval", "0.5", "--libvirt-timeout", "2",
                             "--full-interval", "3", WATCHDOG_USEC="1000000")
         pid = self.qemu_pid(self.a)
         a, b = self.a.name(), self.b.name()
         try:
             self.assertTrue(wait_for(lambda: values(agent.metrics(self), "vm_up", name=a), 10))
             threads = agent_threads(agent)
-            receiver.read(0.3)
-            beats = receiver.lines().count("WATCHDOG=1")
+            self.assertTrue(receiver.until(lambda lines: "WATCHDOG=1" in lines, 10))
+            beats = receiver.beats()
             os.kill(pid, signal.SIGSTOP)
             hung = time.monotonic()
             try:
                 # the next full sample marks it (--full-interval 3); a busy machine may time
-                # out the retry too: the sampler backs off, then retries.  The receiver is
-                # drained meanwhile: a full notify queue would drop the beats counted below.
-                stale = wait_for(lambda: receiver.read(0.05) or (
+                # out the retry too: the sampler backs off, then retries.
+                stale = wait_for(lambda: (
                     lambda f: f if values(f, "vm_stats_stale", name=a) == [1]
                     else None)(agent.metrics(self)), 20)
                 self.assertTrue(stale, "the hung guest is not marked stale: %s %s %s" % (
@@ -2243,8 +2304,7 @@ class LibvirtFaultTests(unittest.TestCase):
                 stats = json.loads(agent.get("/api/v1.0/stats/?live=true")[2])
                 self.assertIn(self.b.UUIDString(), stats)
                 self.assertEqual(agent.get("/api/v1.0/specs/" + a)[0], 200)
-                receiver.read(0.1)
-                during = receiver.lines().count("WATCHDOG=1") - beats
+                during = receiver.beats() - beats
                 # a hung guest is no reason to restart the agent: the watchdog keeps beating
                 self.assertGreaterEqual(during, int((time.monotonic() - hung) / 0.5) - 2, (
                     [(n, values(agent.metrics(self), n)) for n in (
@@ -2259,6 +2319,7 @@ class LibvirtFaultTests(unittest.TestCase):
             self.assertTrue(fresh, "not back to normal after SIGCONT")
         finally:
             agent.stop()
+            receiver.close()
 
     def test_a_guest_that_dies_removes_no_other(self):
         victim = Bench.guest("fc", vcpus=1)
@@ -2272,7 +2333,7 @@ class LibvirtFaultTests(unittest.TestCase):
                                          or '"reason": "Failed"' in t
                                          or '"reason": "Shutdown"' in t, 10), stream.text)
             stream.close()
-            fams = self.fresh(agent)
+            fams = agent.fresh_metrics(self)
             self.assertEqual(values(fams, "vm_up", name=victim.name()), [0])
             for dom in (self.a, self.b):
                 self.assertEqual(values(fams, "vm_up", name=dom.name()), [1])
@@ -2281,12 +2342,6 @@ class LibvirtFaultTests(unittest.TestCase):
                 self.assertIn(dom.UUIDString(), stats)
         finally:
             agent.stop()
-
-    def fresh(self, agent):
-        begun = time.time()
-        return wait_for(lambda: (lambda f: f if values(
-            f, "vadvisor_last_sample_timestamp_seconds")[0] > begun else None)(
-            agent.metrics(self)), 10)
 
     def test_requests_at_start_up_wait_for_the_first_connection(self):
         pid = libvirtd_pid()
@@ -2301,7 +2356,7 @@ class LibvirtFaultTests(unittest.TestCase):
                     for p in paths]
             for ask in asks:
                 ask.start()
-            time.sleep(1.5)
+            time.sleep(1.5)                     # a window with libvirt stopped:
             self.assertEqual(answers, {})       # waiting, not failed
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -2317,10 +2372,10 @@ class LibvirtFaultTests(unittest.TestCase):
             agent.stop()
 
     def test_specs_hold_no_secrets(self):
-        xml = GUEST_XML % {"type": "qemu", "name": PREFIX + "vnc", "vcpus": 1,
-                           "image": "/nonexistent", "tap": "vadtvnc"}
-        xml = xml.replace("<memballoon", "<graphics type='vnc' port='-1' autoport='yes' "
-                          "passwd='s3cr3tpw'/><memballoon")
+        xml = guest_xml(PREFIX + "vnc", boot_disk=True, domain_type="qemu", devices="""
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/nonexistent'/><target dev='vda' bus='virtio'/></disk>
+    <graphics type='vnc' port='-1' autoport='yes' passwd='s3cr3tpw'/>""")
         dom = Bench.require().defineXML(xml)
         agent = Agent("--interval", "0.3")
         try:
@@ -2451,8 +2506,9 @@ class HttpAbuseTests(unittest.TestCase):
         agent = agent_on_test_driver("--max-connections", "20", "--client-timeout", "5")
         idle = [socket.create_connection(("127.0.0.1", agent.port)) for _ in range(20)]
         try:
-            time.sleep(0.3)
-            status, headers, body = agent.get("/metrics")
+            # the 20 idle ones are accepted in their own time: then a 21st is refused
+            status, headers, body = wait_for(lambda: (lambda answer: answer if answer[0] == 503
+                                                      else None)(agent.get("/metrics")), 10)
             self.assertEqual(status, 503)
             self.assertIn("max-connections", json.loads(body)["error"])
         finally:
@@ -2523,8 +2579,7 @@ class TlsAndAuthTests(unittest.TestCase):
         return path
 
     def hashed(self, user, password):
-        proc = subprocess.run([PY, AGENT, "--hash-password", user], input=password.encode() + b"\n",
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        proc = run_agent("--hash-password", user, input=password.encode() + b"\n")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         line = proc.stdout.decode().strip()
         self.assertRegex(line, r"^%s:pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$" % user)
@@ -2764,14 +2819,7 @@ class HostB(object):
 
     @classmethod
     def pid(cls, name):
-        """The pid of host B's daemon, only if that process really is that daemon."""
-        try:
-            with open(os.path.join(cls.B, "run", name + ".pid")) as f:
-                pid = int(f.read().strip())
-            with open("/proc/%d/comm" % pid) as f:
-                return pid if f.read().strip() == name else None
-        except (OSError, ValueError):
-            return None
+        return daemon_pid(os.path.join(cls.B, "run", name + ".pid"), name)
 
     @classmethod
     def stop(cls):
@@ -2801,33 +2849,9 @@ class HostB(object):
         return "" if probe.returncode == 0 else "this machine cannot make mount namespaces"
 
 
-MIGRATION_GUEST = """<domain type='%(type)s'>
-  <name>%(name)s</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><memballoon model='virtio'/></devices>
-</domain>
-"""
-
-
 # A guest whose memory is not all zero pages, so that a migration at 1 MiB/s
 # takes tens of seconds: QEMU's generic loader puts a file of random bytes into
 # its RAM (libvirt marks the domain tainted by custom-argv; it has no OS anyway).
-SLOW_MIGRATION_GUEST = """<domain type='%(type)s' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>%(name)s</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><memballoon model='virtio'/></devices>
-  <qemu:commandline>
-    <qemu:arg value='-device'/>
-    <qemu:arg value='loader,file=%(blob)s,addr=0x400000,force-raw=on'/>
-  </qemu:commandline>
-</domain>
-"""
-
-
 def slow_migration_guest(conn, name, megabytes=10):
     """A transient guest with megabytes of random memory, on the source host; the file
     lies where host B's QEMU can read it too."""
@@ -2838,9 +2862,8 @@ def slow_migration_guest(conn, name, megabytes=10):
         f.write(os.urandom(megabytes << 20))
     os.chmod(blob, 0o644)
     os.chmod(images, 0o755)
-    kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-    return conn.createXML(SLOW_MIGRATION_GUEST % {"type": "kvm" if kvm else "qemu",
-                                                  "name": name, "blob": blob}, 0)
+    return conn.createXML(guest_xml(name, memory_mib=64, qemu_args=(
+        "-device", "loader,file=%s,addr=0x400000,force-raw=on" % blob)), 0)
 
 
 def start_migration(name, source_uri, destination_uri, bandwidth=None):
@@ -3088,9 +3111,7 @@ class MigrationTests(unittest.TestCase):
         return [e for e in stream.events() if e["domain_name"] == name]
 
     def test_live_migration_there_and_back(self):
-        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-        guest = self.conn.createXML(MIGRATION_GUEST % {"type": "kvm" if kvm else "qemu",
-                                                       "name": self.NAME}, 0)   # transient
+        guest = self.conn.createXML(guest_xml(self.NAME), 0)   # transient
         uuid = guest.UUIDString()
         a = (self.agent_a, SYSTEM_URI)
         b = (self.agent_b, HostB.RW_URI)
@@ -3406,7 +3427,8 @@ def bench_libvirt_load(seconds=30):
                 return fams
             time.sleep(0.01)
     try:
-        time.sleep(3)
+        wait_for(lambda: values(agent.metrics(unittest.TestCase()), "vadvisor_samples_total")[0]
+                 >= 3, 30)
         before = just_after_a_sample()
         started = time.monotonic()      # whole sampling cycles from here to after
         threads = [threading.Thread(target=hammer, args=("/metrics",)) for _ in range(20)]
@@ -3640,10 +3662,6 @@ def bench_overhead_only(guest_count):
     return 0
 
 
-INACTIVE_GUEST = """<domain type='kvm'><name>%s</name><memory unit='MiB'>32</memory>
-<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"""
-
-
 def page_cost(port, domains):
     """The browser page's weight and the cost of one update with this many domains:
     the overview's bytes, and in chromium the table's render and a whole update
@@ -3675,7 +3693,7 @@ def page_rows(row, label, cost):
 def define_inactive(count=1000):
     """count defined, inactive domains: cheap to make, and as many as a big host has."""
     for i in range(count):
-        Bench.conn.defineXML(INACTIVE_GUEST % ("%sp%04d" % (PREFIX, i)))
+        Bench.conn.defineXML(guest_xml("%sp%04d" % (PREFIX, i)))
 
 
 def page_cost_on_bench(domains):
@@ -3740,7 +3758,7 @@ def bench(guest_count):
         "", "", "", True, "median of 5")
     guests = Bench.fresh(*[("b%d" % i, 1) for i in range(guest_count)])
     try:
-        time.sleep(5)
+        time.sleep(5)       # the guests' firmware settles: the same for every side measured
         ours, theirs, floor = bench_scrape_latency(guests, guest_count)
         p50, p50_theirs = percentile(ours, 0.5), percentile(theirs, 0.5)
         row("2. /metrics latency, %d real guests" % guest_count,
@@ -3792,8 +3810,7 @@ class ReadmeTests(unittest.TestCase):
             self.readme = f.read()
 
     def test_every_flag_is_documented(self):
-        help_text = subprocess.run([PY, AGENT, "--help"], stdout=subprocess.PIPE).stdout.decode()
-        flags = set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}
+        flags = help_flags()
         self.assertGreater(len(flags), 10)
         for flag in flags:
             self.assertTrue("`%s" % flag in self.readme, "README lacks " + flag)
@@ -3809,10 +3826,9 @@ class ReadmeTests(unittest.TestCase):
         self.assertEqual(ci, [commands[1]])
 
     def test_man_page_names_every_flag(self):
-        help_text = subprocess.run([PY, AGENT, "--help"], stdout=subprocess.PIPE).stdout.decode()
         with open(os.path.join(HERE, "contrib", "vadvisor.1")) as f:
             man = f.read().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
-        for flag in set(re.findall(r"(--[a-z][a-z-]+)", help_text)) - {"--help"}:
+        for flag in help_flags():
             self.assertIn(flag, man)
         self.assertIn('"vadvisor %s"' % vadvisor.VERSION, man)
 
@@ -3925,7 +3941,7 @@ class TestDriverAgentTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.agent = agent_on_test_driver("--interval", "0.2", "--client-timeout", "1", "--verbose")
-        wait_for(lambda: b'vm_up{' in cls.agent.get("/metrics")[2], 10)
+        assert wait_for(lambda: b'vm_up{' in cls.agent.get("/metrics")[2], 10), "no vm_up"
 
     @classmethod
     def tearDownClass(cls):
@@ -4264,21 +4280,17 @@ class TestDriverStreamTests(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
 
-    def run_agent(self, *args, **kw):
-        return subprocess.run([PY, AGENT] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=kw.get("timeout", 30))
-
     def test_version(self):
-        proc = self.run_agent("--version")
+        proc = run_agent("--version")
         self.assertEqual(proc.returncode, 0)
         self.assertEqual(proc.stdout.decode().strip(), "vadvisor " + vadvisor.VERSION)
 
     def test_help_names_every_flag(self):
-        out = self.run_agent("--help").stdout.decode()
+        flags = help_flags()
         for flag in ("--connect", "--listen", "--port", "--interval", "--history",
                      "--down-minutes", "--collect", "--once", "--verbose", "--version",
                      "--client-timeout"):
-            self.assertIn(flag, out)
+            self.assertIn(flag, flags)
 
     def test_bad_flags_are_one_line_errors(self):
         for args in (["--port", "99999"], ["--interval", "0"], ["--interval", "abc"],
@@ -4293,7 +4305,7 @@ class CommandLineTests(unittest.TestCase):
                      ["--statsd-interval", "0"], ["--statsd-prefix", "a..b"],
                      ["--statsd-max-packet", "10"], ["--basic-auth-file", "/nonexistent"],
                      ["--tls-key", "/nonexistent"]):
-            proc = self.run_agent(*args)
+            proc = run_agent(*args)
             self.assertEqual(proc.returncode, 2, args)
             self.assertNotIn(b"Traceback", proc.stderr)
             lines = proc.stderr.decode().splitlines()
@@ -4303,14 +4315,14 @@ class CommandLineTests(unittest.TestCase):
 
     def test_once_prints_metrics(self):
         needs_libvirt(self)
-        proc = self.run_agent("--once", "--connect", "test:///default")
+        proc = run_agent("--once", "--connect", "test:///default")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         fams = parse_exposition(self, proc.stdout.decode())
         self.assertEqual(values(fams, "vm_up", uuid=TEST_UUID), [1])
 
     def test_once_unreachable_is_one_line_and_nonzero(self):
         needs_libvirt(self)
-        proc = self.run_agent("--once", "--connect", "qemu+unix:///system?socket=/nonexistent/s")
+        proc = run_agent("--once", "--connect", "qemu+unix:///system?socket=/nonexistent/s")
         self.assertNotEqual(proc.returncode, 0)
         self.assertEqual(proc.stdout, b"")
         err = proc.stderr.decode().strip()
@@ -4323,7 +4335,7 @@ class CommandLineTests(unittest.TestCase):
             s.bind(("127.0.0.1", 0))
             s.listen(1)
             port = s.getsockname()[1]
-            proc = self.run_agent("--connect", "test:///default", "--listen", "127.0.0.1",
+            proc = run_agent("--connect", "test:///default", "--listen", "127.0.0.1",
                                   "--port", str(port))
         self.assertEqual(proc.returncode, 1)
         self.assertIn(b"cannot listen", proc.stderr)
@@ -4417,21 +4429,6 @@ class CommandLineTests(unittest.TestCase):
 # the agent against a real libvirtd with real QEMU/KVM guests
 # -----------------------------------------------------------------------------
 
-GUEST_XML = """<domain type='%(type)s'>
-  <name>%(name)s</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>%(vcpus)d</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='%(image)s'/><target dev='vda' bus='virtio'/></disk>
-    <interface type='ethernet'><target dev='%(tap)s' managed='yes'/><model type='virtio'/></interface>
-    <memballoon model='virtio'/>
-  </devices>
-</domain>
-"""
-
-
 class Bench(object):
     """Real guests on the system libvirtd, driven over a read-write connection."""
 
@@ -4482,13 +4479,11 @@ class Bench(object):
         name = PREFIX + suffix
         image = os.path.join(IMAGES, name + ".qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "32M"], check=True)
-        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-        xml = GUEST_XML % {"type": "kvm" if kvm else "qemu", "name": name, "vcpus": vcpus,
-                           "image": image, "tap": ("vadt" + suffix)[:15]}
-        xml = xml.replace("<model type='virtio'/>", "<model type='%s'/>" % model)
-        xml = xml.replace("</name>", "</name>" + metadata).replace(
-            "<memballoon", devices + "<memballoon")
-        dom = cls.conn.defineXML(xml)
+        dom = cls.conn.defineXML(guest_xml(name, vcpus, boot_disk=True, metadata=metadata, devices="""
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='%s'/><target dev='vda' bus='virtio'/></disk>
+    <interface type='ethernet'><target dev='%s' managed='yes'/><model type='%s'/></interface>
+""" % (image, ("vadt" + suffix)[:15], model) + devices))
         if start:
             dom.create()
         return dom
@@ -4511,7 +4506,7 @@ class RealLibvirtTests(unittest.TestCase):
     def setUpClass(cls):
         cls.a, cls.b = Bench.fresh(("a", 2), ("b", 1))
         cls.agent = Agent("--interval", "0.5", "--down-minutes", "0.05")
-        wait_for(lambda: b'name="vadt-b"' in cls.agent.get("/metrics")[2], 15)
+        assert wait_for(lambda: b'name="vadt-b"' in cls.agent.get("/metrics")[2], 15), "no vadt-b"
 
     @classmethod
     def tearDownClass(cls):
@@ -4519,16 +4514,7 @@ class RealLibvirtTests(unittest.TestCase):
         Bench.clean()
 
     def fresh_metrics(self):
-        """Metrics from a sample taken after this call started."""
-        begun = time.time()
-
-        def newer():
-            fams = self.agent.metrics(self)
-            when = values(fams, "vadvisor_last_sample_timestamp_seconds")[0]
-            return fams if when > begun else None
-        fams = wait_for(newer, 10)
-        self.assertIsNotNone(fams, "no new sample within 10 s")
-        return fams
+        return self.agent.fresh_metrics(self)
 
     def test_values_agree_with_virsh_domstats(self):
         for dom in (self.a, self.b):
@@ -4569,8 +4555,7 @@ class RealLibvirtTests(unittest.TestCase):
     def test_promtool_is_clean_on_the_real_body(self):
         status, _, body = self.agent.get("/metrics")
         promtool_check(self, body)
-        proc = subprocess.run([PY, AGENT, "--once", "--collect", "all"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60)
+        proc = run_agent("--once", "--collect", "all", timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn(b"vm_kvm_", proc.stdout)
         self.assertIn(b"vm_vcpu_kvm_exits_total", proc.stdout)
@@ -4790,7 +4775,6 @@ class RealLibvirtTests(unittest.TestCase):
     def test_concurrent_live_requests_share_one_libvirt_call(self):
         agent = Agent("--interval", "60")
         try:
-            wait_for(lambda: b"vadvisor_libvirt_up 1" in agent.get("/metrics")[2], 10)
             self.assertTrue(wait_for(lambda: values(agent.metrics(self),
                                                     "vadvisor_full_samples_total")[0] >= 1, 10))
 
@@ -4802,16 +4786,9 @@ class RealLibvirtTests(unittest.TestCase):
             request = b"GET /api/v1.0/stats/?live=true HTTP/1.0\r\n\r\n"
             for s in sockets:
                 s.sendall(request)
-            answers = []
+            answers = [read_to_end(s) for s in sockets]
             for s in sockets:
-                chunks = []
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
                 s.close()
-                answers.append(b"".join(chunks))
             self.assertEqual(calls() - before, 1)
             bodies = [json.loads(a.split(b"\r\n\r\n", 1)[1]) for a in answers]
             for body in bodies:
@@ -4828,26 +4805,26 @@ class RealLibvirtTests(unittest.TestCase):
         if pid is None:
             missing("libvirtd runs under another name here (modular daemons)")
         receiver = NotifyReceiver()
-        agent = NotifyAgent(receiver, "--interval", "0.3", "--libvirt-timeout", "0.5",
+        agent = notify_agent(receiver, "--interval", "0.3", "--libvirt-timeout", "0.5",
                             WATCHDOG_USEC="1000000")
         try:
-            receiver.read(1.5)
-            self.assertGreaterEqual(receiver.lines().count("WATCHDOG=1"), 2)
+            self.assertTrue(receiver.until(lambda lines: lines.count("WATCHDOG=1") >= 2, 10))
             os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
             try:
-                stopped = time.monotonic()
-                receiver.read(4.0)
+                time.sleep(4.0)     # libvirt hangs this long: the window the test is about
             finally:
+                resumed = time.monotonic()
                 os.kill(pid, signal.SIGCONT)
             # two calls of 0.5 s time out, then 2 x 0.5 s without any answer: no more beats
-            late = [t for t, l in receiver.messages if "WATCHDOG=1" in l and t > stopped + 2.5]
+            late = [t for t, d in receiver.datagrams
+                    if stopped + 2.5 < t < resumed and b"WATCHDOG=1" in d]
             self.assertEqual(late, [], "WATCHDOG=1 kept coming while libvirt hung")
-            resumed = time.monotonic()
-            receiver.read(3.0)
-            self.assertTrue([t for t, l in receiver.messages if "WATCHDOG=1" in l and t > resumed],
+            self.assertTrue(wait_for(lambda: receiver.beats(after=resumed), 15),
                             "WATCHDOG=1 did not resume")
         finally:
             agent.stop()
+            receiver.close()
 
     def test_healthz_says_503_while_samples_are_stale(self):
         """libvirtd stopped, and a --libvirt-timeout long enough that the agent still
@@ -5185,22 +5162,6 @@ def listening(port):
         return False
 
 
-NBD_GUEST = """<domain type='%(type)s'>
-  <name>%(name)s</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <disk type='network' device='disk'>
-      <driver name='qemu' type='raw' error_policy='stop' rerror_policy='stop'/>
-      <source protocol='nbd' name='%(export)s'><host name='127.0.0.1' port='%(port)d'/></source>
-      <target dev='vda' bus='virtio'/></disk>
-    <memballoon model='virtio'/>
-  </devices>
-</domain>
-"""
-
-
 class JobEventTests(unittest.TestCase):
     """Jobs and disk errors on real guests: save, block jobs, a disk that fails."""
 
@@ -5327,11 +5288,13 @@ class JobEventTests(unittest.TestCase):
         stream = StreamClient(self.agent.port)
         name = PREFIX + "nbd"
         try:
-            kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
             # the export name matters: with none, libvirt has no source path for the
             # event and its remote side drops IO_ERROR (a null string cannot be sent)
-            xml = NBD_GUEST % {"type": "kvm" if kvm else "qemu", "name": name,
-                               "export": "vadt-disk", "port": port}
+            xml = guest_xml(name, boot_disk=True, devices="""
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' error_policy='stop' rerror_policy='stop'/>
+      <source protocol='nbd' name='vadt-disk'><host name='127.0.0.1' port='%d'/></source>
+      <target dev='vda' bus='virtio'/></disk>""" % port)
             self.assertTrue(wait_for(lambda: listening(port), 10), "nbdkit did not start")
             dom = Bench.conn.createXML(xml, 0)
             self.wait_events(stream, name, [("Started", "Booted")])
@@ -5587,28 +5550,14 @@ def http_get_tls(port, path):
 
 
 HOSTILE_NAME = PREFIX + "<img src=x onerror=window.pwned=1>"
-HOSTILE_GUEST = """<domain type='%(type)s'>
-  <name>%(name)s</name>
-  <title>%(title)s</title>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><memballoon model='virtio'/></devices>
-</domain>
-"""
-
-
 class BrowserTests(unittest.TestCase):
     """The page at /, in headless chromium, against the agent on real guests."""
 
     @classmethod
     def setUpClass(cls):
         cls.guests = Bench.fresh(("ui1", 1), ("ui2", 2))
-        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-        from xml.sax.saxutils import escape
-        cls.hostile = Bench.conn.defineXML(HOSTILE_GUEST % {
-            "type": "kvm" if kvm else "qemu", "name": escape(HOSTILE_NAME),
-            "title": escape("<script>window.pwned=2</script>")})
+        cls.hostile = Bench.conn.defineXML(guest_xml(
+            HOSTILE_NAME, title="<script>window.pwned=2</script>"))
         cls.hostile.create()
         cls.agent = Agent("--interval", "0.5", "--full-interval", "2")    # disk graphs fill sooner
         cls.browser = Browser()
@@ -5911,17 +5860,12 @@ def tap_counter(tap, name):
         return int(f.read())
 
 
-class HiddenProcAgent(Agent):
-    """An agent whose /proc hides other users' processes: a private proc mount with
-    hidepid=invisible, and an unprivileged process: no capabilities, no group 0
-    (hidepid's default gid).  Its uid stays 0 only because the read-only libvirt
-    socket checks any other uid with polkit, which needs the system D-Bus."""
-
-    def _popen(self, args):
-        script = ("mount -t proc -o hidepid=invisible proc /proc && exec setpriv "
-                  "--regid=65534 --clear-groups --bounding-set=-all --inh-caps=-all -- \"$@\"")
-        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                 script, "sh"] + args, stdout=self.log, stderr=subprocess.STDOUT)
+# a /proc that hides other users' processes: a private proc mount with
+# hidepid=invisible, and an unprivileged process: no capabilities, no group 0
+# (hidepid's default gid).  Its uid stays 0 only because the read-only libvirt
+# socket checks any other uid with polkit, which needs the system D-Bus.
+HIDDEN_PROC = ("mount -t proc -o hidepid=invisible proc /proc && exec setpriv --regid=65534 "
+               "--clear-groups --bounding-set=-all --inh-caps=-all -- \"$@\"")
 
 
 class KernelTierTests(unittest.TestCase):
@@ -5945,21 +5889,12 @@ class KernelTierTests(unittest.TestCase):
     def health(self, agent):
         return json.loads(agent.get("/healthz")[2])
 
-    def fresh(self, agent):
-        """/metrics of a sample that started after this call."""
-        begun = time.time()
-        fams = wait_for(lambda: (lambda f: f if values(
-            f, "vadvisor_last_sample_timestamp_seconds")[0] > begun else None)(
-            agent.metrics(self)), 15)
-        self.assertIsNotNone(fams, "no new sample within 15 s")
-        return fams
-
     def bracket(self, agent, dom):
         """(metrics before, virsh domstats, metrics after): every counter libvirt
         reports lies between the agent's two readings."""
-        before = self.fresh(agent)
+        before = agent.fresh_metrics(self)
         virsh = virsh_domstats(dom.name())
-        return before, virsh, self.fresh(agent)
+        return before, virsh, agent.fresh_metrics(self)
 
     def assert_between(self, key, fams, family, virsh, scale, slack, **labels):
         low = values(fams[0], family, **labels)
@@ -6006,17 +5941,17 @@ class KernelTierTests(unittest.TestCase):
     def test_network_counters_equal_libvirts_once_traffic_stops(self):
         libvirt_agent = Agent("--interval", "0.5", "--source", "libvirt")
         try:
-            olds = [self.network(self.fresh(agent)) for agent in (self.agent, libvirt_agent)]
+            olds = [self.network(agent.fresh_metrics(self)) for agent in (self.agent, libvirt_agent)]
             sent = send_frames(self.tap, 500)
             self.assertEqual(sent, 500)
             # traffic has stopped once QEMU has taken every frame from the tap
-            wait_for(lambda: tap_counter(self.tap, "tx_packets") + tap_counter(
-                self.tap, "tx_dropped") >= sent, 15)
+            self.assertTrue(wait_for(lambda: tap_counter(self.tap, "tx_packets") + tap_counter(
+                self.tap, "tx_dropped") >= sent, 15))
             tap_tx = tap_counter(self.tap, "tx_bytes")
             virsh = virsh_domstats(self.n.name())
             self.assertEqual(virsh["net.0.name"], self.tap)
             for agent, old in zip((self.agent, libvirt_agent), olds):
-                new = self.network(self.fresh(agent))
+                new = self.network(agent.fresh_metrics(self))
                 for family, value in new.items():
                     direction, what = family.split("_")[2], family.split("_")[3]
                     key = "net.0.%s.%s" % ({"receive": "rx", "transmit": "tx"}[direction],
@@ -6074,8 +6009,12 @@ class KernelTierTests(unittest.TestCase):
         try:
             self.assertTrue(wait_for(lambda: self.health(agent)["source"]["kernel_domains"]
                                      == self.active(), 15))
-            old = values(self.fresh(agent), "vm_cpu_seconds_total", name=dom.name())[0]
-            wait_for(lambda: False, 1.5, 0.5)    # let the first process use some CPU time
+            def cpu():
+                return values(agent.fresh_metrics(self), "vm_cpu_seconds_total", name=dom.name())[0]
+            first = cpu()
+            # the first process has used some CPU time (the firmware's)
+            old = wait_for(lambda: (lambda v: v if v > first else None)(cpu()), 15)
+            self.assertTrue(old, "the guest used no CPU time")
             # The agent is frozen meanwhile, so that no sample sees the domain stopped:
             # it must notice the new process (another pid) by itself.
             os.kill(agent.proc.pid, signal.SIGSTOP)
@@ -6084,7 +6023,7 @@ class KernelTierTests(unittest.TestCase):
                 dom.create()
             finally:
                 os.kill(agent.proc.pid, signal.SIGCONT)
-            self.assertTrue(wait_for(lambda: values(self.fresh(agent), "vm_up",
+            self.assertTrue(wait_for(lambda: values(agent.fresh_metrics(self), "vm_up",
                                                     name=dom.name()) == [1], 15))
             source = wait_for(lambda: (lambda s: s if s["kernel_domains"] == self.active()
                                        else None)(self.health(agent)["source"]), 15)
@@ -6104,7 +6043,7 @@ class KernelTierTests(unittest.TestCase):
     def test_a_hidden_proc_falls_back_to_libvirt_and_says_so(self):
         need_tool("unshare", "util-linux")
         need_tool("setpriv", "util-linux")
-        agent = HiddenProcAgent("--interval", "0.5")
+        agent = Agent("--interval", "0.5", mounts=HIDDEN_PROC)
         try:
             source = wait_for(lambda: (lambda s: s if s["libvirt_domains"] == self.active()
                                        else None)(self.health(agent)["source"]), 15)
@@ -6123,7 +6062,7 @@ class KernelTierTests(unittest.TestCase):
     def test_source_libvirt_every_second_is_one_full_call_per_sample(self):
         agent = Agent("--interval", "0.5", "--source", "libvirt", "--full-interval", "0.5")
         try:
-            first = self.fresh(agent)
+            first = agent.fresh_metrics(self)
             last = wait_for(lambda: (lambda f: f if values(f, "vadvisor_samples_total")[0]
                                      >= values(first, "vadvisor_samples_total")[0] + 4
                                      else None)(agent.metrics(self)), 30)
