@@ -1568,8 +1568,8 @@ class DatagramReceiver(object):
 class UdpReceiver(DatagramReceiver):
     """A StatsD stand-in on loopback."""
 
-    def __init__(self, family=socket.AF_INET, host="127.0.0.1"):
-        DatagramReceiver.__init__(self, socket.socket(family, socket.SOCK_DGRAM), (host, 0))
+    def __init__(self, family=socket.AF_INET, host="127.0.0.1", port=0):
+        DatagramReceiver.__init__(self, socket.socket(family, socket.SOCK_DGRAM), (host, port))
         self.port = self.sock.getsockname()[1]
 
 
@@ -1728,6 +1728,39 @@ class StatsdAgentTests(unittest.TestCase):
         self.assertTrue(all(len(d) <= 64 for _, d in receiver.datagrams))
         self.assertFalse([l for l in receiver.lines() if ".vcpu.seconds.total:" in l])
         self.assertGreaterEqual(values(fams, "vadvisor_statsd_errors_total")[0], 1)
+
+    def test_the_host_name_is_resolved_again_for_every_push(self):
+        """The name moves from 127.0.0.1 to 127.0.0.2 in /etc/hosts (a copy,
+        bind-mounted in the agent's own mount namespace): the pushes follow it."""
+        need_tool("unshare", "util-linux")
+        if os.geteuid() != 0:
+            missing("a mount namespace needs root")
+        first = UdpReceiver()
+        second = UdpReceiver(host="127.0.0.2", port=first.port)
+        hosts = os.path.join(tempfile.mkdtemp(prefix="vadvisor-hosts-"), "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n127.0.0.1 statsd.vadt.test\n")
+        agent = agent_on_test_driver("--statsd-host", "statsd.vadt.test", "--statsd-port",
+                                     str(first.port), "--statsd-interval", "0.3",
+                                     mounts='mount --bind %s /etc/hosts && exec "$@"' % hosts)
+        up = "vm.%s.up:1|g" % TEST_UUID
+        try:
+            self.assertTrue(first.until(lambda lines: up in lines, 20), agent.output())
+            self.assertEqual(second.datagrams, [])
+            with open(hosts, "w") as f:     # the same file: the bind mount shows the change
+                f.write("127.0.0.1 localhost\n127.0.0.2 statsd.vadt.test\n")
+            moved = time.monotonic()
+            self.assertTrue(second.until(lambda lines: up in lines, 20), "the push did not follow")
+            # and it left the old address: nothing reaches it a push after the first one at B
+            after = second.datagrams[0][0] + 0.6
+            self.assertTrue(wait_for(lambda: second.lines(after=after), 10))
+            self.assertEqual([t for t, _ in first.datagrams if t > after], [])
+            self.assertGreater(second.datagrams[0][0], moved)
+            self.assertEqual(values(agent.metrics(self), "vadvisor_statsd_errors_total"), [0])
+        finally:
+            agent.stop()
+            first.close()
+            second.close()
 
     def test_bad_statsd_flags(self):
         for args in (["--statsd-prefix", "a..b"], ["--statsd-prefix", "a b"],
@@ -2564,6 +2597,61 @@ class TlsAndAuthTests(unittest.TestCase):
             self.assertNotIn("Traceback", agent.output())
         finally:
             agent.stop()
+
+    def https_status(self, port, cert):
+        """The status of GET /healthz over HTTPS, or the error that ended it."""
+        import ssl
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:   # ssl.SSLError is an OSError
+            return exc
+        finally:
+            conn.close()
+
+    def test_a_stalled_handshake_holds_nobody_up_and_is_dropped(self):
+        """Two clients that never finish a handshake, one silent, one stopping
+        inside its ClientHello: others are served meanwhile, and both are closed
+        after --client-timeout, long before their own sockets' 60 s."""
+        need_tool("openssl", "openssl")
+        cert, key = make_certificate(self.tmp)
+        agent = agent_on_test_driver("--tls-cert", cert, "--tls-key", key, "--client-timeout", "2")
+        try:
+            silent = socket.create_connection(("127.0.0.1", agent.port), timeout=60)
+            partial = socket.create_connection(("127.0.0.1", agent.port), timeout=60)
+            partial.sendall(b"\x16\x03\x01\x02\x00\x01")     # a record of 512 bytes: 1 comes
+            started = time.monotonic()
+            self.assertEqual(self.https_status(agent.port, cert), 200)
+            for stalled in (silent, partial):
+                self.assertNotIn(b"HTTP/", read_to_end(stalled))
+                stalled.close()
+            self.assertLess(time.monotonic() - started, 30, "a stalled handshake was kept")
+            self.assertEqual(self.https_status(agent.port, cert), 200)
+            self.assertNotIn("Traceback", agent.output())
+        finally:
+            agent.stop()
+
+    def test_tls_at_the_connection_cap(self):
+        """--max-connections 3 held by stalled handshakes: a 4th is closed in the
+        accept loop before any handshake (no 503: that would need one); once the
+        three go, HTTPS is served again."""
+        need_tool("openssl", "openssl")
+        cert, key = make_certificate(self.tmp)
+        agent = agent_on_test_driver("--tls-cert", cert, "--tls-key", key,
+                                     "--max-connections", "3", "--client-timeout", "30")
+        idle = [socket.create_connection(("127.0.0.1", agent.port)) for _ in range(3)]
+        try:
+            refused = wait_for(lambda: (lambda r: r if r != 200 else None)(
+                self.https_status(agent.port, cert)), 10)
+            self.assertIsInstance(refused, (OSError, http.client.HTTPException), refused)
+        finally:
+            for s in idle:
+                s.close()
+        self.assertTrue(wait_for(lambda: self.https_status(agent.port, cert) == 200, 10))
+        self.assertNotIn("Traceback", agent.output())
+        agent.stop()
 
     def test_tls_flags_need_each_other_and_readable_files(self):
         for args in (["--tls-cert", "/nonexistent"], ["--tls-cert", "/nonexistent",
@@ -3902,11 +3990,11 @@ def needs_libvirt(testcase):
         missing("the libvirt binding is missing (python3-libvirt)")
 
 
-def agent_on_test_driver(*args):
+def agent_on_test_driver(*args, **kw):
     """An agent on libvirt's in-process test:///default driver."""
     if libvirt is None:
         missing("the libvirt binding is missing (python3-libvirt)")
-    return Agent("--connect", "test:///default", *args)
+    return Agent("--connect", "test:///default", *args, **kw)
 
 
 class TestDriverSamplerTests(unittest.TestCase):
