@@ -463,6 +463,8 @@ class Hypervisor(object):
 # Sampler and history store
 # =============================================================================
 
+TIERS = ("fast", "full")    # a sample's tier: the kernel's reads, or libvirt's every group
+
 # -- the host-kernel tier --------------------------------------------------------
 #
 # libvirt itself reads a running QEMU domain's CPU, vCPU, RSS and tap counters
@@ -1238,8 +1240,8 @@ class Sampler(object):
         self.samples_total = 0
         self.full_samples_total = 0
         self.busy_seconds = 0.0             # time spent in libvirt's stats calls
-        self.durations = {"fast": 0.0, "full": 0.0}     # of the latest sample of each tier
-        self.cpu_seconds = {"fast": 0.0, "full": 0.0}   # the sampler thread's, per tier
+        self.durations = dict.fromkeys(TIERS, 0.0)      # of the latest sample of each tier
+        self.cpu_seconds = dict.fromkeys(TIERS, 0.0)    # the sampler thread's, per tier
         self.errors_total = 0
         self.calls_total = 0
         self.backoff = 0
@@ -1987,6 +1989,87 @@ class MetricTable(object):
             if target.json is not None:
                 return True
         return False
+
+
+# The agent's own families, below the domains' in /metrics.  rows(agent,
+# sample, now) gives a family's (labels, value) pairs; agent is the HTTP
+# section's Agent, which holds the sampler, the hub, the connection and StatsD.
+SelfFamily = collections.namedtuple("SelfFamily", "name type help rows")
+
+
+def _one(value):
+    return [((), value)]
+
+
+def _by(label, items):
+    return [(((label, key),), value) for key, value in items]
+
+
+SELF_FAMILIES = (
+    SelfFamily("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
+               lambda a, s, now: [((("version", VERSION),
+                                    ("python_version", platform.python_version()),
+                                    ("libvirt_version", libvirt_version_string())), 1)]),
+    SelfFamily("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
+               lambda a, s, now: _one(1 if a.hypervisor.up else 0)),
+    SelfFamily("vadvisor_libvirt_info", GAUGE,
+               "The libvirt daemon's driver, versions and host name, read at connection (value 1).",
+               lambda a, s, now: [(tuple((k, label_value(v)) for k, v in a.hypervisor.info), 1)]
+               if a.hypervisor.info else []),
+    SelfFamily("vadvisor_domains", GAUGE, "Domains in the latest sample.",
+               lambda a, s, now: _one(len(s.domains))),
+    SelfFamily("vadvisor_collect_duration_seconds", GAUGE,
+               "Duration of the libvirt calls of the latest sample of each tier (fast, full).",
+               lambda a, s, now: _by("tier", ((t, a.sampler.durations[t]) for t in TIERS))),
+    SelfFamily("vadvisor_last_sample_timestamp_seconds", GAUGE,
+               "When the latest sample was taken, Unix time (0: none yet).",
+               lambda a, s, now: _one(s.time)),
+    SelfFamily("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
+               lambda a, s, now: _one(now - s.time if s.time else -1.0)),
+    SelfFamily("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
+               lambda a, s, now: _one(a.sampler.samples_total)),
+    SelfFamily("vadvisor_sample_cpu_seconds_total", COUNTER,
+               "CPU time the sampler thread spent taking samples, by tier (fast, full): "
+               "kernel reads and records; libvirt's replies are decoded in its call threads.",
+               lambda a, s, now: _by("tier", ((t, a.sampler.cpu_seconds[t]) for t in TIERS))),
+    SelfFamily("vadvisor_full_samples_total", COUNTER,
+               "Bulk full samples taken: libvirt read every stat group of every domain.",
+               lambda a, s, now: _one(a.sampler.full_samples_total)),
+    SelfFamily("vadvisor_full_reads_total", COUNTER,
+               "Domains read with every stat group, in bulk full samples and in the fast rounds.",
+               lambda a, s, now: _one(a.sampler.full_reads_total)),
+    SelfFamily("vadvisor_kernel_domains", GAUGE,
+               "Domains whose fast-tier values the latest sample read from the host kernel.",
+               lambda a, s, now: _one(s.kernel_domains)),
+    SelfFamily("vadvisor_collect_seconds_total", COUNTER,
+               "Time spent in libvirt's stats calls: its rate is the share of time libvirt is "
+               "kept busy.", lambda a, s, now: _one(a.sampler.busy_seconds)),
+    SelfFamily("vadvisor_libvirt_calls_total", COUNTER,
+               "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
+               lambda a, s, now: _one(a.sampler.calls_total)),
+    SelfFamily("vadvisor_libvirt_job_calls_total", COUNTER,
+               "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
+               "(diskErrors): none while no domain has either.",
+               lambda a, s, now: _by("call", sorted(a.sampler.jobs.calls.items()))),
+    SelfFamily("vadvisor_sample_errors_total", COUNTER,
+               "Samples that failed: a libvirt error or no answer.",
+               lambda a, s, now: _one(a.sampler.errors_total)),
+    SelfFamily("vadvisor_libvirt_timeouts_total", COUNTER,
+               "libvirt calls that outlived --libvirt-timeout.",
+               lambda a, s, now: _one(a.sampler.timeouts_total)),
+    SelfFamily("vadvisor_libvirt_stuck_calls", GAUGE,
+               "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
+               lambda a, s, now: _one(a.sampler.stuck)),
+    SelfFamily("vadvisor_events_total", COUNTER, "Domain events received, by type.",
+               lambda a, s, now: _by("event_type", sorted(a.hub.counts.items()))),
+    SelfFamily("vadvisor_event_streams", GAUGE, "Open event streams.",
+               lambda a, s, now: _one(a.hub.streams())),
+    SelfFamily("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
+               lambda a, s, now: _one(a.statsd.packets_total if a.statsd else 0)),
+    SelfFamily("vadvisor_statsd_errors_total", COUNTER,
+               "StatsD failures: unresolved host, refused or failed sends, oversized lines.",
+               lambda a, s, now: _one(a.statsd.errors_total if a.statsd else 0)),
+)
 
 
 # =============================================================================
@@ -3209,68 +3292,7 @@ class Agent(object):
 
     def self_metrics(self, sample):
         now = time.time()
-        s = self.sampler
-        fams = [
-            ("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
-             [((("version", VERSION), ("python_version", platform.python_version()),
-                ("libvirt_version", libvirt_version_string())), 1)]),
-            ("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
-             [((), 1 if self.hypervisor.up else 0)]),
-            ("vadvisor_libvirt_info", GAUGE,
-             "The libvirt daemon's driver, versions and host name, read at connection (value 1).",
-             [(tuple((k, label_value(v)) for k, v in self.hypervisor.info), 1)]
-             if self.hypervisor.info else []),
-            ("vadvisor_domains", GAUGE, "Domains in the latest sample.",
-             [((), len(sample.domains))]),
-            ("vadvisor_collect_duration_seconds", GAUGE,
-             "Duration of the libvirt calls of the latest sample of each tier (fast, full).",
-             [((("tier", tier),), s.durations[tier]) for tier in ("fast", "full")]),
-            ("vadvisor_last_sample_timestamp_seconds", GAUGE,
-             "When the latest sample was taken, Unix time (0: none yet).", [((), sample.time)]),
-            ("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
-             [((), now - sample.time if sample.time else -1.0)]),
-            ("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
-             [((), s.samples_total)]),
-            ("vadvisor_sample_cpu_seconds_total", COUNTER,
-             "CPU time the sampler thread spent taking samples, by tier (fast, full): "
-             "kernel reads and records; libvirt's replies are decoded in its call threads.",
-             [((("tier", tier),), s.cpu_seconds[tier]) for tier in ("fast", "full")]),
-            ("vadvisor_full_samples_total", COUNTER,
-             "Bulk full samples taken: libvirt read every stat group of every domain.",
-             [((), s.full_samples_total)]),
-            ("vadvisor_full_reads_total", COUNTER,
-             "Domains read with every stat group, in bulk full samples and in the fast rounds.",
-             [((), s.full_reads_total)]),
-            ("vadvisor_kernel_domains", GAUGE,
-             "Domains whose fast-tier values the latest sample read from the host kernel.",
-             [((), sample.kernel_domains)]),
-            ("vadvisor_collect_seconds_total", COUNTER,
-             "Time spent in libvirt's stats calls: its rate is the share of time libvirt is kept busy.",
-             [((), s.busy_seconds)]),
-            ("vadvisor_libvirt_calls_total", COUNTER,
-             "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
-             [((), s.calls_total)]),
-            ("vadvisor_libvirt_job_calls_total", COUNTER,
-             "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
-             "(diskErrors): none while no domain has either.",
-             [((("call", call),), n) for call, n in sorted(s.jobs.calls.items())]),
-            ("vadvisor_sample_errors_total", COUNTER,
-             "Samples that failed: a libvirt error or no answer.", [((), s.errors_total)]),
-            ("vadvisor_libvirt_timeouts_total", COUNTER,
-             "libvirt calls that outlived --libvirt-timeout.", [((), s.timeouts_total)]),
-            ("vadvisor_libvirt_stuck_calls", GAUGE,
-             "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
-             [((), s.stuck)]),
-            ("vadvisor_events_total", COUNTER, "Domain events received, by type.",
-             [((("event_type", t),), n) for t, n in sorted(self.hub.counts.items())]),
-            ("vadvisor_event_streams", GAUGE, "Open event streams.", [((), self.hub.streams())]),
-            ("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
-             [((), self.statsd.packets_total if self.statsd else 0)]),
-            ("vadvisor_statsd_errors_total", COUNTER,
-             "StatsD failures: unresolved host, refused or failed sends, oversized lines.",
-             [((), self.statsd.errors_total if self.statsd else 0)]),
-        ]
-        return fams
+        return [(f.name, f.type, f.help, f.rows(self, sample, now)) for f in SELF_FAMILIES]
 
     def page(self):
         """The browser page, made once."""
