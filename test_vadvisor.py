@@ -5300,8 +5300,9 @@ class JobEventTests(unittest.TestCase):
         try:
             self.virsh("save", name, saved)
             events = self.wait_events(stream, name, [("JobCompleted", ""), ("Stopped", "Saved")])
+            restoring = len(stream.events())
             self.virsh("restore", saved)
-            self.wait_events(stream, name, [("Started", "Restored")], len(stream.events()) - 1)
+            self.wait_events(stream, name, [("Started", "Restored")], restoring)
         finally:
             stream.close()
         kinds = [e["event_type"] for e in events]
