@@ -1154,6 +1154,25 @@ class SmallUnitTests(unittest.TestCase):
                        {"block.0.name": "vdb"}, {"net.0.name": "vnet1"}):
             self.assertFalse(vadvisor.is_partial(self.LAST, dict(partial, **change)), change)
 
+    def test_fill_in(self):
+        """A partial record gets the last complete one's missing values, marked
+        stale with their age; a complete one, or one whose state or devices
+        changed, is taken as it is and becomes the new reference."""
+        sampler = vadvisor.Sampler(None, vadvisor.MetricTable(), 0)
+        first = sampler.fill_in(REAL_UUID, dict(self.LAST), 100.0)
+        self.assertEqual((first["vadvisor.stale"], first["vadvisor.stats_age"]), (0, 0))
+        partial = {"state.state": 1, "vcpu.current": 2, "net.count": 1, "net.0.name": "vnet0",
+                   "block.count": 1, "block.0.name": "vda", "cpu.time": 10}
+        merged = sampler.fill_in(REAL_UUID, dict(partial), 105.0)
+        self.assertEqual(merged["block.0.rd.bytes"], 512)           # carried over
+        self.assertEqual(merged["cpu.time"], 10)                    # the new value
+        self.assertEqual((merged["vadvisor.stale"], merged["vadvisor.stats_age"]), (1, 5.0))
+        paused = sampler.fill_in(REAL_UUID, dict(partial, **{"state.state": 3}), 106.0)
+        self.assertNotIn("block.0.rd.bytes", paused)                # not the same guest state
+        self.assertEqual(paused["vadvisor.stale"], 0)
+        other = sampler.fill_in(TEST_UUID, dict(partial), 106.0)    # nothing known of it
+        self.assertEqual((other["vadvisor.stale"], len(other)), (0, len(partial) + 2))
+
     def test_split_target(self):
         cases = {"/metrics": ("/metrics", ""), "/a?b=1&c": ("/a", "b=1&c"),
                  "//x/y?z": ("//x/y", "z"), "/p#frag": ("/p", ""),
@@ -1551,6 +1570,30 @@ class LibvirtFaultTests(unittest.TestCase):
         finally:
             agent.stop()
 
+    def test_live_true_on_a_hung_libvirt_gives_up_after_its_cap(self):
+        """Connected, then libvirtd stops answering (SIGSTOP, --libvirt-timeout 60:
+        still taken for connected): live=true waits max(10 s, 2 intervals) for a
+        fresh sample, then answers 503 instead of hanging the client."""
+        pid = libvirtd_pid()
+        if pid is None:
+            missing("libvirtd runs under another name here (modular daemons)")
+        agent = Agent("--interval", "1", "--libvirt-timeout", "60")
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                status, _, body = http_get(agent.port, "/api/v1.0/stats/?live=true", timeout=60)
+                took = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            self.assertEqual(status, 503, body)
+            self.assertIn("no fresh sample", json.loads(body)["error"])
+            self.assertGreaterEqual(took, 9.5)          # the cap is the feature: 10 s
+            self.assertLess(took, 30)
+            self.assertTrue(wait_for(lambda: agent.get("/api/v1.0/stats/?live=true")[0] == 200, 60))
+        finally:
+            agent.stop()
+
     def test_requests_at_start_up_wait_for_the_first_connection(self):
         pid = libvirtd_pid()
         if pid is None:
@@ -1566,6 +1609,9 @@ class LibvirtFaultTests(unittest.TestCase):
                 ask.start()
             time.sleep(1.5)                     # a window with libvirt stopped:
             self.assertEqual(answers, {})       # waiting, not failed
+            status, _, body = agent.get("/healthz")
+            self.assertEqual(status, 503)       # no sample yet
+            self.assertIsNone(json.loads(body)["sample_age_seconds"])
         finally:
             os.kill(pid, signal.SIGCONT)
         try:
@@ -2187,6 +2233,18 @@ class RealLibvirtTests(unittest.TestCase):
         naive = suspended["timestamp"].rstrip("Z")
         self.assertEqual(self.history("start_time=%s&max_events=1" % naive)[0]["id"],
                          suspended["id"])
+        # a stream replays from since= or start_time= first, then goes live
+        for query, first_id in (("since=%d" % suspended["id"], suspended["id"] + 1),
+                                ("start_time=" + urllib.parse.quote(suspended["timestamp"]),
+                                 suspended["id"])):
+            stream = StreamClient(self.agent.port, "stream=true&" + query)
+            try:
+                self.assertTrue(stream.until(lambda _: any(
+                    e.get("id") == mine[-1]["id"] for e in stream.events()), 10), query)
+                replayed = [e for e in stream.events() if e["domain_name"] == mine[0]["domain_name"]]
+                self.assertEqual(replayed, [e for e in mine if e["id"] >= first_id], query)
+            finally:
+                stream.close()
         # SSE resumes from Last-Event-ID by replaying history first
         sse = StreamClient(self.agent.port, headers=[("Accept", "text/event-stream"),
                                                      ("Last-Event-ID", str(suspended["id"]))])
