@@ -465,6 +465,10 @@ class Hypervisor(object):
 
 TIERS = ("fast", "full")    # a sample's tier: the kernel's reads, or libvirt's every group
 
+
+def tier(full):
+    return TIERS[1] if full else TIERS[0]
+
 # -- the host-kernel tier --------------------------------------------------------
 #
 # libvirt itself reads a running QEMU domain's CPU, vCPU, RSS and tap counters
@@ -1501,7 +1505,7 @@ class Sampler(object):
                 self.previous.cache = {}    # its rendered bodies are no longer served
             self.latest = sample
             self.samples_total += 1
-            self.durations["full" if sample.full else "fast"] = sample.duration
+            self.durations[tier(sample.full)] = sample.duration
             if sample.full:
                 self.latest_full = sample
                 self.full_samples_total += 1
@@ -1601,7 +1605,7 @@ class Sampler(object):
         cpu = thread_cpu()
         try:
             sample = self.sample(full)
-            self.cpu_seconds["full" if full else "fast"] += thread_cpu() - cpu
+            self.cpu_seconds[tier(full)] += thread_cpu() - cpu
             self.backoff = 0
             if not full:
                 return REST_FACTOR * sample.duration
