@@ -729,6 +729,17 @@ class Bench(object):
                 os.unlink(os.path.join(IMAGES, name))
 
     @classmethod
+    def settled(cls, seconds=1.0, timeout=180):
+        """Once libvirt reads every group of every domain within seconds: for some
+        15 s after guests start (QEMU starting) it may take several seconds."""
+        def quick():
+            started = time.monotonic()
+            cls.conn.getAllDomainStats(0, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+            return time.monotonic() - started < seconds
+        if not wait_for(quick, timeout, 1.0):
+            raise AssertionError("libvirt's stats calls stay slower than %g s" % seconds)
+
+    @classmethod
     def fresh(cls, *guests):
         """A clean bench with these running guests: (suffix, vcpus) each."""
         cls.require()
@@ -6211,7 +6222,7 @@ def bench(guest_count):
         "", "", "", True, "median of 5")
     guests = Bench.fresh(*[("b%d" % i, 1) for i in range(guest_count)])
     try:
-        time.sleep(5)       # the guests' firmware settles: the same for every side measured
+        Bench.settled()     # the same calm libvirtd for every side measured
         ours, theirs, floor = bench_scrape_latency(guests, guest_count)
         p50, p50_theirs = percentile(ours, 0.5), percentile(theirs, 0.5)
         row("2. /metrics latency, %d real guests" % guest_count,
