@@ -82,7 +82,7 @@ JOB_TYPES = ("none", "bounded", "unbounded", "completed", "failed", "cancelled")
 JOB_OPERATIONS = ("unknown", "start", "save", "restore", "migration-in", "migration-out",
                   "snapshot", "snapshot-revert", "dump", "backup", "snapshot-delete")
 JOB_RUNNING = (1, 2)        # bounded, unbounded
-JOB_RESULTS = {3: "completed", 4: "failed", 5: "cancelled"}
+JOB_RESULTS = dict((t, JOB_TYPES[t]) for t in (3, 4, 5))    # a job that ended: how
 JOB_EVENT_WAIT = 3.0        # seconds a JobCompleted event may come after its job ended
 # virDomainDiskErrorCode: what diskErrors() says of a disk.
 DISK_ERRORS = ("none", "unspec", "no_space")
@@ -463,11 +463,7 @@ class Hypervisor(object):
 # Sampler and history store
 # =============================================================================
 
-TIERS = ("fast", "full")    # a sample's tier: the kernel's reads, or libvirt's every group
-
-
-def tier(full):
-    return TIERS[1] if full else TIERS[0]
+TIERS = ("fast", "full")    # a sample's tier, TIERS[full]: the kernel's reads, or libvirt's every group
 
 # -- the host-kernel tier --------------------------------------------------------
 #
@@ -1225,6 +1221,7 @@ class Sampler(object):
         self.complete = {}                  # uuid -> (last complete stats, when, key count)
         self.full_records = {}              # uuid -> (the newest full record, when read)
         self.kernel_values = {}             # uuid -> the kernel's values of the latest sample
+        self.disk_errors = {}               # uuid -> diskErrors()' keys, read while paused by one
         self.keep_plans = {}                # a stats dict's keys -> the keys worth keeping
         self.table = table
         self.groups = groups
@@ -1303,11 +1300,16 @@ class Sampler(object):
             stats = self.kept(stats)
             if uuid in fulls:
                 stats = self.fill_in(uuid, stats, started)
-                if is_paused(stats, (PAUSED_IOERROR,)):
-                    stats = dict(stats, **self.jobs.disk_errors(dom, stats))
                 self.full_records[uuid] = (stats, started)
+                if is_paused(stats, (PAUSED_IOERROR,)):
+                    self.disk_errors[uuid] = self.jobs.disk_errors(dom, stats)
             else:
                 stats = self.carried(uuid, stats, started)
+            # disk errors are a pause's: shown only while that pause lasts
+            if is_paused(stats, (PAUSED_IOERROR,)):
+                stats = dict(stats, **self.disk_errors.get(uuid, {}))
+            else:
+                self.disk_errors.pop(uuid, None)
             if kernel and stats.get("state.state") not in INACTIVE_STATES:
                 found = self.kernel.read(uuid, stats, self.specs.peek(uuid))
                 if found is not None:
@@ -1378,9 +1380,6 @@ class Sampler(object):
                 stats["vadvisor.stats_age"] = 0
                 return stats
         merged = dict(base)
-        if base.get("state.state") != stats.get("state.state"):
-            for key in [k for k in merged if ".error." in k]:
-                del merged[key]     # disk errors are a pause's: read again at the full read
         # A value the kernel gave last time, but not this time (a vCPU thread or a
         # tap that went), stays that newer value rather than the full record's.
         merged.update(self.kernel_values.get(uuid, ()))
@@ -1481,7 +1480,8 @@ class Sampler(object):
         Also forgets what is kept per domain for domains libvirt no longer has."""
         present = set(uuid for uuid, _, _ in domains)
         self.jobs.keep_only(present)
-        for kept in (self.complete, self.full_records, self.due, self.kernel_values):
+        for kept in (self.complete, self.full_records, self.due, self.kernel_values,
+                     self.disk_errors):
             for uuid in [u for u in kept if u not in present]:
                 del kept[uuid]
         if self.kernel is not None:
@@ -1505,7 +1505,7 @@ class Sampler(object):
                 self.previous.cache = {}    # its rendered bodies are no longer served
             self.latest = sample
             self.samples_total += 1
-            self.durations[tier(sample.full)] = sample.duration
+            self.durations[TIERS[sample.full]] = sample.duration
             if sample.full:
                 self.latest_full = sample
                 self.full_samples_total += 1
@@ -1605,7 +1605,7 @@ class Sampler(object):
         cpu = thread_cpu()
         try:
             sample = self.sample(full)
-            self.cpu_seconds[tier(full)] += thread_cpu() - cpu
+            self.cpu_seconds[TIERS[full]] += thread_cpu() - cpu
             self.backoff = 0
             if not full:
                 return REST_FACTOR * sample.duration
@@ -2011,9 +2011,7 @@ def _by(label, items):
 
 SELF_FAMILIES = (
     SelfFamily("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
-               lambda a, s, now: [((("version", VERSION),
-                                    ("python_version", platform.python_version()),
-                                    ("libvirt_version", libvirt_version_string())), 1)]),
+               lambda a, s, now: [(a.build_labels, 1)]),
     SelfFamily("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
                lambda a, s, now: _one(1 if a.hypervisor.up else 0)),
     SelfFamily("vadvisor_libvirt_info", GAUGE,
@@ -2089,9 +2087,10 @@ def up_value(state):
     return 1 if state == 1 else 0
 
 
-def sample_series(table, sample):
+def sample_series(table, sample, wanted=None):
     """Every exported value of a sample, by the metric table, in base units:
-    (uuid, name, family, ((label, value), ...), number).  Every format uses it."""
+    (uuid, name, family, ((label, value), ...), number).  Every format uses it;
+    wanted, a set of family names, keeps those alone."""
     targets = table.targets
     vm_up = table.families["vm_up"]
     for uuid, name, stats in sample.domains:
@@ -2099,13 +2098,16 @@ def sample_series(table, sample):
             if type(value) not in NUMBER_TYPES:
                 continue
             for t in targets(key):
+                if wanted is not None and t.family.name not in wanted:
+                    continue
                 if t.family is vm_up:
                     number = up_value(value)
                 else:
                     number = scaled(value, t.mul, t.div)
                 yield uuid, name, t.family, device_labels(t, stats), number
-    for uuid, name in sample.gone:
-        yield uuid, name, vm_up, (), 0
+    if wanted is None or "vm_up" in wanted:
+        for uuid, name in sample.gone:
+            yield uuid, name, vm_up, (), 0
 
 
 def device_labels(target, stats):
@@ -2500,6 +2502,7 @@ OVERVIEW_COLUMNS = (
     ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
 )
 OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
+OVERVIEW_FAMILIES = frozenset(family for _, family, _ in OVERVIEW_COLUMNS)
 
 
 def family_totals(table, sample):
@@ -2507,12 +2510,10 @@ def family_totals(table, sample):
     worked out once per sample."""
     totals = sample.derived.get("totals")
     if totals is None:
-        wanted = set(family for _, family, _ in OVERVIEW_COLUMNS)
         totals = {}
-        for uuid, _, family, _, number in sample_series(table, sample):
-            if family.name in wanted:
-                mine = totals.setdefault(uuid, {})
-                mine[family.name] = mine.get(family.name, 0) + number
+        for uuid, _, family, _, number in sample_series(table, sample, OVERVIEW_FAMILIES):
+            mine = totals.setdefault(uuid, {})
+            mine[family.name] = mine.get(family.name, 0) + number
         sample.derived["totals"] = totals
     return totals
 
@@ -2532,7 +2533,7 @@ class Overview(object):
 
     def __init__(self, table):
         self.table = table
-        self.full_rates = {}    # uuid -> {family: (rate, read at)}
+        self.full_rates = {}    # uuid -> {family: rate between its two latest full reads}
 
     def document(self, sample, previous, contexts):
         totals = family_totals(self.table, sample)
@@ -2568,10 +2569,9 @@ class Overview(object):
         if earlier_stats is not None:
             before_at = previous.time - earlier_stats.get("vadvisor.stats_age", 0)
             if read_at - before_at > 0.5:
-                rate = counter_rate(mine.get(family), earlier.get(family), read_at - before_at)
-                kept[family] = (rate, read_at)
-        rate, _ = kept.get(family, (None, 0))
-        return rate
+                kept[family] = counter_rate(mine.get(family), earlier.get(family),
+                                            read_at - before_at)
+        return kept.get(family)
 
 
 def domain_context(info, metadata_labels):
@@ -3215,6 +3215,8 @@ class Agent(object):
         self.statsd = statsd
         self.users = users
         self.started = time.time()
+        self.build_labels = (("version", VERSION), ("python_version", platform.python_version()),
+                             ("libvirt_version", libvirt_version_string()))
         self.render_lock = threading.Lock()
         self.page_body = None
         self.overviews = Overview(formatter.table if formatter is not None else None)
@@ -3271,7 +3273,7 @@ class Agent(object):
             for uuid, name in present + gone:
                 counts = tallies.get(uuid, {})
                 found = [(l, n) for (f, l), n in sorted(counts.items()) if f == family]
-                if not found and not labels and (uuid, name) not in gone:
+                if not found and not labels:
                     found = [((), 0)]
                 rows += [((("uuid", uuid), ("name", name)) + l, n) for l, n in found]
             if rows:
@@ -3309,16 +3311,19 @@ class Agent(object):
         with self.sampler.new_sample:
             sample, previous = self.sampler.latest, self.sampler.previous
         body = sample.derived.get("overview")
-        if body is None:
-            specs = self.sampler.specs
-            with specs.lock:
-                contexts = dict((uuid, domain_context(info, specs.metadata_labels))
-                                for uuid, (_, info) in specs.infos.items())
-            with self.overview_lock:    # its kept full-read rates are one per domain
+        if body is not None:
+            return body
+        with self.overview_lock:    # concurrent requests make it once; its kept rates are one
+            body = sample.derived.get("overview")
+            if body is None:
+                specs = self.sampler.specs
+                with specs.lock:
+                    contexts = dict((uuid, domain_context(info, specs.metadata_labels))
+                                    for uuid, (_, info) in specs.infos.items())
                 doc = self.overviews.document(sample, previous, contexts)
-            doc["interval"] = self.args.interval
-            body = sample.derived["overview"] = (json.dumps(doc, separators=(",", ":"))
-                                                 + "\n").encode("utf-8")
+                doc["interval"] = self.args.interval
+                body = sample.derived["overview"] = (json.dumps(doc, separators=(",", ":"))
+                                                     + "\n").encode("utf-8")
         return body
 
     def stats(self, uuid):
@@ -4036,30 +4041,34 @@ class Handler(BaseHTTPRequestHandler):
                          ("max_events", event_count), ("all_events", boolean),
                          ("since", event_id)] + [(name, boolean) for name in EVENT_FILTERS])
 
+    def since(self, params, streaming):
+        """The id to resume after: since=, else (a stream's) Last-Event-ID, by the
+        hub's resume rule; None for neither."""
+        since = params.get("since")
+        if since is None and streaming and self.headers.get("Last-Event-ID"):
+            try:
+                since = event_id(self.headers["Last-Event-ID"].strip())
+            except ValueError:
+                raise HTTPError(400, "header Last-Event-ID must be an event id")
+        return None if since is None else self.agent.hub.resume_point(since)
+
     def route_events(self, query):
         params = parse_query(query, self.EVENT_PARAMS)
-        if "since" in params:
-            params["since"] = self.agent.hub.resume_point(params["since"])
         sse = "text/event-stream" in self.headers.get("Accept", "")
+        streaming = params.get("stream", sse)
+        since = self.since(params, streaming)
         selected = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is True)
         excluded = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is False)
         only = selected if selected and not params.get("all_events") else None
-        if not params.get("stream", sse):
+        if not streaming:
             wanted = EventFilter(only, excluded, params.get("start_time"),
-                                 params.get("end_time"), params.get("since"))
+                                 params.get("end_time"), since)
             events = self.agent.hub.history(wanted, params.get("max_events", 10))
             body = "".join(e.json + "\n" for e in events).encode("utf-8")
             return self.send_body(200, "application/x-ndjson", body)
         for name in ("end_time", "max_events"):
             if name in params:
                 raise HTTPError(400, "parameter %r does not apply to stream=true" % name)
-        since = params.get("since")
-        if since is None and self.headers.get("Last-Event-ID"):
-            try:
-                since = self.agent.hub.resume_point(
-                    event_id(self.headers["Last-Event-ID"].strip()))
-            except ValueError:
-                raise HTTPError(400, "header Last-Event-ID must be an event id")
         replay = None
         if since is not None or "start_time" in params:
             replay = EventFilter(only, excluded, params.get("start_time"), None, since)
