@@ -472,6 +472,10 @@ class StreamClient(object):
     def events(self):
         return [event for _, event in self.timed_events()]
 
+    def of(self, name, since=0):
+        """The events of the domain named name, from the since-th event received on."""
+        return [e for e in self.events()[since:] if e.get("domain_name") == name]
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -665,11 +669,18 @@ def libvirtd_pid():
     return daemon_pid("/run/libvirtd.pid", "libvirtd")
 
 
+def virsh(*args, **kw):
+    """virsh on a libvirtd (uri=, the system one by default): its output; a failure
+    raises with that output, unless check=False (clean-up, a probe)."""
+    proc = run(["virsh", "-c", kw.get("uri", SYSTEM_URI)] + list(args), timeout=120)
+    if kw.get("check", True) and proc.returncode != 0:
+        raise AssertionError("virsh %s: %s" % (" ".join(args[:2]), proc.stdout.decode()))
+    return proc
+
+
 def start_libvirtd():
     subprocess.run(["libvirtd", "-d"], check=True)
-    ok = wait_for(lambda: subprocess.run(["virsh", "-c", SYSTEM_URI, "version"],
-                                         stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL).returncode == 0, 30, 0.2)
+    ok = wait_for(lambda: virsh("version", check=False).returncode == 0, 30, 0.2)
     assert ok, "libvirtd did not come back"
 
 
@@ -767,8 +778,7 @@ class Bench(object):
 
 
 def virsh_domstats(name):
-    out = subprocess.run(["virsh", "-c", SYSTEM_URI, "domstats", "--raw", name],
-                         stdout=subprocess.PIPE, check=True).stdout.decode()
+    out = virsh("domstats", "--raw", name).stdout.decode()
     stats = {}
     for line in out.splitlines():
         if "=" in line:
@@ -819,9 +829,7 @@ class HostB(object):
             libvirtd -d -p /run/libvirt/libvirtd.pid""".format(b=b)
         subprocess.run(["unshare", "-m", "-u", "--propagation", "private", "/bin/sh", "-ec",
                         script], check=True)
-        ok = wait_for(lambda: subprocess.run(["virsh", "-c", cls.RW_URI, "version"],
-                                             stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL).returncode == 0, 60, 0.2)
+        ok = wait_for(lambda: virsh("version", uri=cls.RW_URI, check=False).returncode == 0, 60, 0.2)
         if not ok:
             cls.stop()
             raise AssertionError("host B's libvirtd did not start")
@@ -924,8 +932,8 @@ def migrate(name, source_uri, destination_uri):
 
 def lifecycle(stream, name):
     """(event_type, reason) of the lifecycle events of a domain on a stream."""
-    return [(e["event_type"], e["reason"]) for e in stream.events()
-            if e["domain_name"] == name and e["event_type"] in vadvisor.EVENT_TYPE_NAMES]
+    return [(e["event_type"], e["reason"]) for e in stream.of(name)
+            if e["event_type"] in vadvisor.EVENT_TYPE_NAMES]
 
 
 class PrometheusServer(object):
@@ -1513,8 +1521,8 @@ class LibvirtFaultTests(unittest.TestCase):
                 dom.suspend()
                 dom.resume()
                 self.assertTrue(stream.until(
-                    lambda _: [e["event_type"] for e in stream.events()[seen:]
-                               if e["domain_name"] == dom.name()] == ["Suspended", "Resumed"], 10),
+                    lambda _: [e["event_type"] for e in stream.of(dom.name(), seen)]
+                    == ["Suspended", "Resumed"], 10),
                     "cycle %d: no events after the restart" % cycle)
             self.assertLess(max(recoveries), 10, recoveries)
             print("\n    libvirtd back -> vadvisor_libvirt_up 1 after %s s"
@@ -2168,8 +2176,7 @@ class RealLibvirtTests(unittest.TestCase):
         self.assertIn("vadt-a", names)
         self.assertIn("vadt-b", names)
         for dom in (self.a, self.b):
-            xml = subprocess.run(["virsh", "-c", SYSTEM_URI, "dumpxml", dom.name()],
-                                 stdout=subprocess.PIPE, check=True).stdout
+            xml = virsh("dumpxml", dom.name()).stdout
             root = ElementTree.fromstring(xml)
             for key in (dom.name(), dom.UUIDString()):
                 status, _, body = self.agent.get("/api/v1.0/specs/" + key)
@@ -2240,8 +2247,7 @@ class RealLibvirtTests(unittest.TestCase):
                 acted = time.monotonic()
                 for client in (ndjson, sse):
                     def arrived():
-                        got = [(e["event_type"], e["reason"]) for e in client.events()
-                               if e["domain_name"] == name]
+                        got = [(e["event_type"], e["reason"]) for e in client.of(name)]
                         return got[len(seen[id(client)]):]
                     client.until(lambda _: len(arrived()) >= len(expected), 1.0)
                     new = arrived()
@@ -2252,9 +2258,9 @@ class RealLibvirtTests(unittest.TestCase):
         finally:
             ndjson.close()
             sse.close()
-        mine = [e for e in ndjson.events() if e["domain_name"] == name]
+        mine = ndjson.of(name)
         self.assertEqual([e["id"] for e in mine], sorted(e["id"] for e in mine))
-        self.assertEqual(mine, [e for e in sse.events() if e["domain_name"] == name])
+        self.assertEqual(mine, sse.of(name))
         self.assertEqual(mine[0]["domain_id"], self.ev.UUIDString())
         self.check_history(mine)
 
@@ -2297,7 +2303,7 @@ class RealLibvirtTests(unittest.TestCase):
             try:
                 self.assertTrue(stream.until(lambda _: any(
                     e.get("id") == mine[-1]["id"] for e in stream.events()), 10), query)
-                replayed = [e for e in stream.events() if e["domain_name"] == mine[0]["domain_name"]]
+                replayed = stream.of(mine[0]["domain_name"])
                 self.assertEqual(replayed, [e for e in mine if e["id"] >= first_id], query)
             finally:
                 stream.close()
@@ -2306,7 +2312,7 @@ class RealLibvirtTests(unittest.TestCase):
                                                      ("Last-Event-ID", str(suspended["id"]))])
         try:
             sse.until(lambda t: str(mine[-1]["id"]) in t, 3)
-            replayed = [e for e in sse.events() if e["domain_name"] == mine[0]["domain_name"]]
+            replayed = sse.of(mine[0]["domain_name"])
             self.assertEqual(replayed, [e for e in mine if e["id"] > suspended["id"]])
         finally:
             sse.close()
@@ -2964,8 +2970,7 @@ class ContextTests(unittest.TestCase):
         Bench.clean()
 
     def dumpxml(self, dom):
-        out = subprocess.run(["virsh", "-c", SYSTEM_URI, "dumpxml", dom.name()],
-                             stdout=subprocess.PIPE, check=True).stdout
+        out = virsh("dumpxml", dom.name()).stdout
         return ElementTree.fromstring(out)
 
     def info(self, family, dom):
@@ -3047,8 +3052,7 @@ class ContextTests(unittest.TestCase):
         self.assertEqual(len(values(fams, "vm_network_receive_bytes_total",
                                     name=self.running.name(), interface=tap)), 1)
         conn = Bench.require()
-        daemon = subprocess.run(["virsh", "-c", SYSTEM_URI, "version", "--daemon"],
-                                stdout=subprocess.PIPE, check=True).stdout.decode()
+        daemon = virsh("version", "--daemon").stdout.decode()
         self.assertEqual(values(fams, "vadvisor_libvirt_info", driver=conn.getType(),
                                 libvirtd_version=re.search(r"Running against daemon: (\S+)",
                                                            daemon).group(1),
@@ -3059,10 +3063,9 @@ class ContextTests(unittest.TestCase):
         uri = "http://openstack.org/xmlns/libvirt/nova/1.1"
         project = "shop-%d" % os.getpid()
         changed = time.monotonic()
-        subprocess.run(["virsh", "-c", SYSTEM_URI, "metadata", self.running.name(), "--live",
-                        "--config", "--uri", uri, "--key", "nova", "--set",
-                        "<instance><name>web-1</name><owner><project uuid='p-new'>%s</project>"
-                        "</owner></instance>" % project], check=True, stdout=subprocess.DEVNULL)
+        virsh("metadata", self.running.name(), "--live", "--config", "--uri", uri, "--key", "nova",
+              "--set", "<instance><name>web-1</name><owner><project uuid='p-new'>%s</project>"
+              "</owner></instance>" % project)
         seen = wait_for(lambda: [m for m in self.info("vm_openstack_info", self.running)
                                  if m["project_name"] == project], 10, 0.05)
         took = time.monotonic() - changed
@@ -3689,15 +3692,10 @@ class DomainEventTests(unittest.TestCase):
         cls.agent.stop()
         Bench.clean()
 
-    def virsh(self, *args):
-        subprocess.run(["virsh", "-c", SYSTEM_URI] + list(args), check=True,
-                       stdout=subprocess.DEVNULL)
-
     def arrive(self, stream, event_type, since, timeout=10):
         """The first event of this type for the guest after index since, from the stream."""
         def found(_):
-            return [e for e in stream.events()[since:] if e["event_type"] == event_type
-                    and e["domain_name"] == self.dom.name()]
+            return [e for e in stream.of(self.dom.name(), since) if e["event_type"] == event_type]
         stream.until(found, timeout)
         got = found(None)
         self.assertTrue(got, "no %s event: %s" % (event_type, stream.text[-2000:]))
@@ -3714,7 +3712,7 @@ class DomainEventTests(unittest.TestCase):
             reboot = self.arrive(stream, "Reboot", seen)
             self.assertEqual((reboot["reason"], reboot["details"]), ("", {}))
             seen = len(stream.events())
-            self.virsh("attach-disk", self.dom.name(), image, "sdb", "--targetbus", "usb",
+            virsh("attach-disk", self.dom.name(), image, "sdb", "--targetbus", "usb",
                        "--live")
             added = self.arrive(stream, "DeviceAdded", seen)
             alias = added["details"]["device"]
@@ -3726,11 +3724,11 @@ class DomainEventTests(unittest.TestCase):
                         if d.get("family") == "disk"]
             self.assertTrue(wait_for(lambda: "sdb" in targets(), 10), targets())
             seen = len(stream.events())
-            self.virsh("detach-disk", self.dom.name(), "sdb", "--live")
+            virsh("detach-disk", self.dom.name(), "sdb", "--live")
             self.assertEqual(self.arrive(stream, "DeviceRemoved", seen)["details"],
                              {"device": alias})
             seen = len(stream.events())
-            self.virsh("metadata", self.dom.name(), "--live", "--uri", "http://example.org/t",
+            virsh("metadata", self.dom.name(), "--live", "--uri", "http://example.org/t",
                        "--key", "t", "--set", "<a><b/></a>")
             self.assertEqual(self.arrive(stream, "MetadataChange", seen)["details"],
                              {"type": "element", "nsuri": "http://example.org/t"})
@@ -3775,21 +3773,13 @@ class JobEventTests(unittest.TestCase):
         cls.agent.stop()
         Bench.clean()
 
-    def virsh(self, *args):
-        proc = subprocess.run(["virsh", "-c", SYSTEM_URI] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-        self.assertEqual(proc.returncode, 0, proc.stdout.decode())
-
-    def mine(self, stream, name, since=0):
-        return [e for e in stream.events()[since:] if e["domain_name"] == name]
-
     def wait_events(self, stream, name, wanted, since=0, timeout=20):
         """The guest's events from since on, once every (type, reason) of wanted came."""
         def have(_):
-            got = [(e["event_type"], e["reason"]) for e in self.mine(stream, name, since)]
+            got = [(e["event_type"], e["reason"]) for e in stream.of(name, since)]
             return all(w in got for w in wanted)
-        self.assertTrue(stream.until(have, timeout), (wanted, self.mine(stream, name, since)))
-        return self.mine(stream, name, since)
+        self.assertTrue(stream.until(have, timeout), (wanted, stream.of(name, since)))
+        return stream.of(name, since)
 
     def job_calls(self, call):
         return values(self.agent.metrics(self), "vadvisor_libvirt_job_calls_total", call=call)[0]
@@ -3813,10 +3803,10 @@ class JobEventTests(unittest.TestCase):
         saved = os.path.join(IMAGES, PREFIX + "jb.save")
         stream = StreamClient(self.agent.port)
         try:
-            self.virsh("save", name, saved)
+            virsh("save", name, saved)
             events = self.wait_events(stream, name, [("JobCompleted", ""), ("Stopped", "Saved")])
             restoring = len(stream.events())
-            self.virsh("restore", saved)
+            virsh("restore", saved)
             self.wait_events(stream, name, [("Started", "Restored")], restoring)
         finally:
             stream.close()
@@ -3858,9 +3848,9 @@ class JobEventTests(unittest.TestCase):
         copy = os.path.join(IMAGES, PREFIX + "jb-copy.qcow2")
         stream = StreamClient(self.agent.port)
         try:
-            self.virsh("blockcopy", name, "vda", copy, "--transient-job", "--wait", "--finish")
+            virsh("blockcopy", name, "vda", copy, "--transient-job", "--wait", "--finish")
             events = self.wait_events(stream, name, [("BlockJob", "ready")])
-            self.virsh("blockpull", name, "vda", "--wait")
+            virsh("blockpull", name, "vda", "--wait")
             events = self.wait_events(stream, name, [("BlockJob", "ready"), ("BlockJob", "completed")])
         finally:
             stream.close()
@@ -3922,8 +3912,7 @@ class JobEventTests(unittest.TestCase):
                                            call="diskErrors")[0], 1)
         finally:
             stream.close()
-            subprocess.run(["virsh", "-c", SYSTEM_URI, "destroy", name],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            virsh("destroy", name, check=False)
             server.terminate()
             server.wait(10)
             log.close()
@@ -3972,7 +3961,7 @@ class MigrationTests(unittest.TestCase):
             self.assertEqual(lifecycle(src, self.NAME), [("Suspended", "Migrated"),
                                                          ("Stopped", "Migrated")])
             for agent, stream in ((src_agent, src), (dst_agent, dst)):
-                mine = [e for e in stream.events() if e["domain_name"] == self.NAME]
+                mine = stream.of(self.NAME)
                 history = [json.loads(l) for l in agent.get(
                     "/api/v1.0/events?since=%d&max_events=-1" % (mine[0]["id"] - 1))[2].splitlines()]
                 self.assertEqual([e for e in history if e["domain_name"] == self.NAME], mine)
@@ -4001,7 +3990,7 @@ class MigrationTests(unittest.TestCase):
             proc = start_migration(name, SYSTEM_URI, HostB.RW_URI, bandwidth=1)
             progress, output = watch_migration(proc, agent, uuid)
             self.assertEqual(proc.returncode, 0, output)
-            src.until(lambda _: [e for e in self.mine(src, name) if e["event_type"]
+            src.until(lambda _: [e for e in src.of(name) if e["event_type"]
                                  == "JobCompleted"], 15)
             dst.until(lambda _: ("Started", "Migrated") in lifecycle(dst, name), 10)
             fams = agent.metrics(self)
@@ -4009,8 +3998,7 @@ class MigrationTests(unittest.TestCase):
             src.close()
             dst.close()
             agent.stop()
-            subprocess.run(["virsh", "-c", HostB.RW_URI, "destroy", name],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            virsh("destroy", name, uri=HostB.RW_URI, check=False)
         print("\n    %d progress readings: remaining %.1f -> %.1f MiB, processed %.1f -> %.1f MiB"
               % (len(progress), progress[0][0] / 2 ** 20, progress[-1][0] / 2 ** 20,
                  progress[0][1] / 2 ** 20, progress[-1][1] / 2 ** 20), end=" ")
@@ -4022,7 +4010,7 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(processed, sorted(processed))
         self.assertEqual(progress[0][2], 1)
         # events: the iterations as they went, then the job's figures
-        events = self.mine(src, name)
+        events = src.of(name)
         iterations = [e["details"]["iteration"] for e in events
                       if e["event_type"] == "MigrationIteration"]
         self.assertEqual(iterations[:2], [1, 2])
@@ -4054,8 +4042,7 @@ class MigrationTests(unittest.TestCase):
             proc = start_migration(name, SYSTEM_URI, HostB.RW_URI, bandwidth=1)
             self.assertTrue(wait_for(lambda: job_progress(agent, uuid) is not None, 20),
                             agent.output())
-            subprocess.run(["virsh", "-c", SYSTEM_URI, "domjobabort", name], check=True,
-                           stdout=subprocess.DEVNULL)
+            virsh("domjobabort", name)
             proc.wait(60)
             self.assertNotEqual(proc.returncode, 0)
 
@@ -4078,9 +4065,6 @@ class MigrationTests(unittest.TestCase):
         finally:
             agent.stop()
             guest.destroy()
-
-    def mine(self, stream, name):
-        return [e for e in stream.events() if e["domain_name"] == name]
 
     def test_live_migration_there_and_back(self):
         guest = self.conn.createXML(guest_xml(self.NAME), 0)   # transient
@@ -4116,8 +4100,7 @@ class MigrationTests(unittest.TestCase):
         finally:
             prometheus.stop()
             for uri in (SYSTEM_URI, HostB.RW_URI):
-                subprocess.run(["virsh", "-c", uri, "destroy", self.NAME],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                virsh("destroy", self.NAME, uri=uri, check=False)
 
 
 class LoadTests(unittest.TestCase):
@@ -5642,8 +5625,7 @@ def demo_migration(rounds=3, pause=8.0):
         return 1
     conn = Bench.require()
     name = PREFIX + "demo"
-    subprocess.run(["virsh", "-c", SYSTEM_URI, "destroy", name], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    virsh("destroy", name, check=False)
     print("starting host B (a second libvirtd in its own namespaces) ...")
     HostB.start()
     agents = []
@@ -5708,8 +5690,7 @@ Ctrl-C stops the demo and cleans up.
         for agent in agents:
             agent.stop()
         for uri in (SYSTEM_URI, HostB.RW_URI):
-            subprocess.run(["virsh", "-c", uri, "destroy", name], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            virsh("destroy", name, uri=uri, check=False)
         HostB.stop()
         print("cleaned up: host B, its mounts and the demo guest are gone")
 
