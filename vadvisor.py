@@ -617,8 +617,9 @@ class QemuProcess(object):
                 continue    # a thread that ended meanwhile
 
     def read(self, vcpus):
-        """The libvirt keys this process answers, in libvirt's units.  Raises
-        OSError once the process is gone, or LookupError if the pid was reused."""
+        """(the libvirt keys this process answers, in libvirt's units, whether every
+        vCPU asked for was read).  Raises OSError once the process is gone, or
+        LookupError if the pid was reused."""
         fields = stat_fields(self.stat.read())
         if int(fields[19]) != self.start:
             raise LookupError("pid %d now belongs to another process" % self.pid)
@@ -631,20 +632,23 @@ class QemuProcess(object):
                  "balloon.rss": int(fields[21]) * PAGE_KIB}
         if set(vcpus) - set(self.vcpus) and vcpus != self.vcpus_scanned:
             self.find_vcpus(vcpus)
+        every_vcpu = True
         for index in vcpus:
             files = self.vcpus.get(index)
             if files is None:
-                continue    # not found: libvirt's value is carried
+                every_vcpu = False      # no thread of that name: libvirt reads it
+                continue
             try:
                 task = stat_fields(files[0].read())
                 delay = int(files[1].read().split()[1])
                 wait = sched_wait(files[2].read(16384)) if files[2] else 0
             except (OSError, IndexError, ValueError):
-                continue    # a vCPU unplugged meanwhile
+                every_vcpu = False      # a vCPU unplugged meanwhile
+                continue
             stats["vcpu.%d.time" % index] = ticks_ns(int(task[11]) + int(task[12]))
             stats["vcpu.%d.delay" % index] = delay
             stats["vcpu.%d.wait" % index] = wait
-        return stats
+        return stats, every_vcpu
 
     def close(self):
         self.stat.close()
@@ -762,6 +766,7 @@ class KernelTier(object):
         self.processes = {}     # uuid -> QemuProcess
         self.unmatched = {}     # uuid -> when to look again (monotonic)
         self.logged = set()     # uuids whose fallback was logged
+        self.told = {}          # uuid -> the kinds of value logged as read through libvirt
         self.views = {}         # uuid -> (spec, nic_views(spec))
         self.reason = "not connected yet"   # why the kernel is not read, or None
         self.conn = None        # the connection the reason is about
@@ -822,39 +827,67 @@ class KernelTier(object):
         return None
 
     def read(self, uuid, stats, spec):
-        """The kernel's values for a domain, or None: then libvirt must read them."""
+        """(the kernel's values for a running domain, {kind: why} of the FAST_KINDS it
+        could not give): libvirt must read those."""
         process = self.processes.get(uuid)
         if process is None:
-            return None
+            return {}, dict.fromkeys(KERNEL_KINDS, "its process is not found")
         vcpus = tuple(int(k.split(".")[1]) for k in stats
                       if k.startswith("vcpu.") and k.endswith(".state"))
         try:
-            found = process.read(vcpus)
+            found, every_vcpu = process.read(vcpus)
         except (OSError, LookupError, IndexError, ValueError) as exc:
             self.forget(uuid)       # gone or reused: looked for again next round
             log.debug("domain %s: process %d not read: %s", uuid, process.pid, exc)
-            return None
-        self.add_network(uuid, stats, spec, found)
-        return found
+            return {}, dict.fromkeys(KERNEL_KINDS, "its process is gone")
+        missing = {}
+        if not every_vcpu:
+            missing["vcpu"] = "a vCPU thread named 'CPU N/KVM' is not found"
+        why = self.add_network(uuid, stats, spec, found)
+        if why:
+            missing["network"] = why
+        self.tell(uuid, missing)
+        return found, missing
 
     def add_network(self, uuid, stats, spec, found):
+        """Adds the counters of the domain's taps to found; returns why a NIC's were
+        not read, or None."""
+        names = [(key[:-4], tap) for key, tap in stats.items()
+                 if key.startswith("net.") and key.endswith(".name")]
+        if not names:
+            return None
+        if spec is None:
+            return SPEC_PENDING
         cached_spec, views = self.views.get(uuid, (None, {}))
         if spec is not cached_spec:
             views = nic_views(spec)
             self.views[uuid] = (spec, views)
-        for key, tap in stats.items():
-            if not (key.startswith("net.") and key.endswith(".name")) or tap not in views:
-                continue        # a NIC whose type the spec does not say yet: carried
+        why = None
+        for prefix, tap in names:
+            if tap not in views:
+                why = "NIC %s is no tap of the host kernel (its XML says)" % tap
+                continue
             if self.counters is None:
                 self.counters = net_dev(self.net.read())
             values = self.counters.get(tap)
             if values is None:
+                why = "tap %s is not in /proc/self/net/dev" % tap
                 continue
             if views[tap]:
                 values = values[4:] + values[:4]
-            prefix = key[:-4]
             for i, field in enumerate(NET_FIELDS):
                 found[prefix + field] = values[i]
+        return why
+
+    def tell(self, uuid, missing):
+        """Logs once per domain and kind a kind of value the kernel could not give (not
+        while the domain's XML is still being read: a new domain's first rounds)."""
+        told = self.told.setdefault(uuid, set())
+        for kind, why in sorted(missing.items()):
+            if kind not in told and why is not SPEC_PENDING:
+                told.add(kind)
+                log.warning("domain %s: its %s values are read through libvirt, not the host "
+                            "kernel: %s", uuid, kind, why)
 
     def forget(self, uuid):
         process = self.processes.pop(uuid, None)
@@ -865,7 +898,7 @@ class KernelTier(object):
         """Forget what is kept for domains no longer active."""
         for uuid in [u for u in self.processes if u not in uuids]:
             self.forget(uuid)
-        for table in (self.unmatched, self.views):
+        for table in (self.unmatched, self.views, self.told):
             for uuid in [u for u in table if u not in uuids]:
                 del table[uuid]
         self.logged &= set(uuids)
@@ -873,6 +906,12 @@ class KernelTier(object):
 
 NET_FIELDS = ("rx.bytes", "rx.pkts", "rx.errs", "rx.drop",
               "tx.bytes", "tx.pkts", "tx.errs", "tx.drop")
+# The kinds of value the fast tier reads every --interval, and the libvirt group
+# of each: a kind the kernel cannot give for a domain is read from that group.
+FAST_KINDS = (("cpu", "cpu_total"), ("vcpu", "vcpu"), ("rss", "balloon"),
+              ("network", "interface"))
+KERNEL_KINDS = tuple(kind for kind, _ in FAST_KINDS)
+SPEC_PENDING = "its XML is not read yet"
 
 
 # -- the libvirt tier -------------------------------------------------------------
@@ -930,16 +969,19 @@ class Sample(object):
     libvirt's keys and units whichever tier read it."""
 
     __slots__ = ("seq", "time", "duration", "domains", "gone", "cache", "full", "kernel_domains",
-                 "derived")
+                 "through_libvirt", "derived")
 
-    def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0):
+    def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0,
+                 through_libvirt=None):
         self.seq = seq
         self.time = when
         self.duration = duration    # of the round's libvirt calls
         self.domains = domains
         self.gone = gone        # [(uuid, name)] of recently vanished domains
         self.full = full        # True: libvirt read every group (the full tier)
-        self.kernel_domains = kernel_domains    # domains whose fast values the kernel gave
+        self.kernel_domains = kernel_domains    # running domains whose fast values the kernel gave, all
+        # {kind: running domains whose values of that kind (KERNEL_KINDS) libvirt read}
+        self.through_libvirt = through_libvirt or {}
         self.cache = {}         # rendered bodies, per format
         self.derived = {}       # the overview and its totals, worked out once
 
@@ -1294,6 +1336,7 @@ class Sampler(object):
             # on: the sample is of this moment, not of a full call's start.
             started = time.time()
         domains, handles, fallback, from_kernel = [], {}, [], 0
+        through_libvirt = dict.fromkeys(KERNEL_KINDS, 0)
         for dom, stats in records:
             uuid = dom.UUIDString()     # local: no call to libvirtd
             handles[uuid] = dom
@@ -1311,13 +1354,16 @@ class Sampler(object):
             else:
                 self.disk_errors.pop(uuid, None)
             if kernel and stats.get("state.state") not in INACTIVE_STATES:
-                found = self.kernel.read(uuid, stats, self.specs.peek(uuid))
-                if found is not None:
+                found, missing = self.kernel.read(uuid, stats, self.specs.peek(uuid))
+                if found:
                     stats.update(found)
                     self.kernel_values[uuid] = found
+                for kind in missing:
+                    through_libvirt[kind] += 1
+                if not missing:
                     from_kernel += 1
-                elif uuid not in fulls:
-                    fallback.append((len(domains), dom))
+                elif uuid not in fulls:     # a full read has libvirt's values already
+                    fallback.append((len(domains), dom, found, missing))
             domains.append((uuid, dom.name(), stats))
         if fallback:
             duration += self.read_fallback(conn, domains, fallback)
@@ -1325,7 +1371,7 @@ class Sampler(object):
         self.busy_seconds += duration
         self.hypervisor.answered()
         sample = Sample(self.latest.seq + 1, started, duration, domains,
-                        self._track_gone(domains, started), full, from_kernel)
+                        self._track_gone(domains, started), full, from_kernel, through_libvirt)
         self.publish(sample)
         self.specs.request(handles, sample.seq)
         return sample
@@ -1353,15 +1399,20 @@ class Sampler(object):
         return [fresh.get(dom.UUIDString(), (dom, stats)) for dom, stats in records]
 
     def read_fallback(self, conn, domains, fallback):
-        """The fast tier's values through libvirt for the domains the kernel could
-        not read; returns the call's duration."""
-        records, _, spent = self.stats_call(conn.domainListGetStats, [dom for _, dom in fallback],
-                                            self.fast_mask, self.flags)
-        where = dict((dom.UUIDString(), i) for i, dom in fallback)
+        """The fast tier's values the kernel could not give, through libvirt: one call
+        for the domains concerned, with the groups of the kinds they lack (the
+        kernel's own values are kept); returns the call's duration."""
+        kinds = set(kind for _, _, _, missing in fallback for kind in missing)
+        mask = self.state_mask | group_mask(g for kind, g in FAST_KINDS if kind in kinds)
+        records, _, spent = self.stats_call(conn.domainListGetStats,
+                                            [dom for _, dom, _, _ in fallback],
+                                            mask & self.fast_mask, self.flags)
+        where = dict((dom.UUIDString(), (i, found)) for i, dom, found, _ in fallback)
         for dom, stats in records:
-            i = where.get(dom.UUIDString())
+            i, found = where.get(dom.UUIDString(), (None, None))
             if i is not None:
-                domains[i][2].update(self.kept(stats))
+                domains[i][2].update((k, v) for k, v in self.kept(stats).items()
+                                     if k not in found)
         return spent
 
     def carried(self, uuid, stats, now):
@@ -2041,7 +2092,8 @@ SELF_FAMILIES = (
                "Domains read with every stat group, in bulk full samples and in the fast rounds.",
                lambda a, s, now: _one(a.sampler.full_reads_total)),
     SelfFamily("vadvisor_kernel_domains", GAUGE,
-               "Domains whose fast-tier values the latest sample read from the host kernel.",
+               "Running domains whose fast-tier values (CPU, vCPU, RSS, network) the latest "
+               "sample all read from the host kernel.",
                lambda a, s, now: _one(s.kernel_domains)),
     SelfFamily("vadvisor_collect_seconds_total", COUNTER,
                "Time spent in libvirt's stats calls: its rate is the share of time libvirt is "
@@ -3373,6 +3425,7 @@ class Agent(object):
         return {"configured": self.args.source,
                 "kernel_domains": sample.kernel_domains,
                 "libvirt_domains": active - sample.kernel_domains,
+                "libvirt_values": sample.through_libvirt,
                 "kernel_unavailable": kernel.reason if kernel is not None else "--source libvirt",
                 "interval_seconds": self.args.interval,
                 "full_interval_seconds": self.sampler.full_interval}
