@@ -7,6 +7,8 @@
 #   make bench-overhead   its hypervisor overhead rows alone
 #   make bench-page       the browser page's rows alone
 #   make hostb / make hostb-stop   a second libvirt host on this machine, for migrations
+#   make foreign / make foreign-stop   domains that are not the suite's (FOREIGN=20 running,
+#                                      50 shut off), to run the suite as on a busy hypervisor
 #   make demo-migration            the live-migration walkthrough, guided
 
 PORT ?= 8181
@@ -19,7 +21,8 @@ BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qem
 	$(if $(shell command -v npm),,nodejs npm) \
 	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
 
-.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench bench-overhead bench-page
+.PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench bench-overhead bench-page \
+	foreign foreign-stop
 
 demo: deps-demo
 	@echo "vadvisor demo on http://localhost:$(PORT)/ (libvirt test:///default); Ctrl-C stops it"
@@ -66,6 +69,13 @@ hostb: testbed
 
 hostb-stop:
 	$(PY) test_vadvisor.py --hostb stop
+
+FOREIGN ?= 20
+foreign: testbed
+	$(PY) test_vadvisor.py --foreign start $(FOREIGN) 50
+
+foreign-stop:
+	$(PY) test_vadvisor.py --foreign stop
 
 demo-migration: testbed
 	$(PY) test_vadvisor.py --demo-migration
