@@ -493,11 +493,25 @@ class KernelFile(object):
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def read(self, size=4096):
+        """A file of one record (stat, schedstat, sched, cpu.stat): the kernel hands
+        it out whole, however large the buffer has to be."""
         data = os.pread(self.fd, size, 0)
-        while len(data) == size:        # a long file (/proc/net/dev of a busy host)
+        while len(data) == size:
             size *= 4
             data = os.pread(self.fd, size, 0)
         return data
+
+    def read_all(self):
+        """A file of many records (/proc/net/dev, a line per interface): the kernel
+        hands it out a page of records per read, so a read that comes back short
+        is not its end (at some 33 interfaces one is).  Read on to the end."""
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def close(self):
         if self.fd is not None:
@@ -868,7 +882,7 @@ class KernelTier(object):
                 why = "NIC %s is no tap of the host kernel (its XML says)" % tap
                 continue
             if self.counters is None:
-                self.counters = net_dev(self.net.read())
+                self.counters = net_dev(self.net.read_all())
             values = self.counters.get(tap)
             if values is None:
                 why = "tap %s is not in /proc/self/net/dev" % tap
@@ -3304,10 +3318,10 @@ class Agent(object):
             tail += "# EOF\n"
         tail = tail.encode("utf-8")
         if not want_gzip:
-            return body + tail
+            return body, tail
         head, compressor = body
         compressor = compressor.copy()
-        return head + compressor.compress(tail) + compressor.flush()
+        return head, compressor.compress(tail) + compressor.flush()
 
     def event_counters(self, sample, openmetrics):
         """The vm_*_total families of events for the sample's domains; the job
@@ -3955,16 +3969,20 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def send_body(self, status, content_type, body, headers=()):
+        """body: bytes, or a tuple of bytes written one after the other (a shared
+        cached part is sent as it is, never copied into a new body)."""
+        parts = body if isinstance(body, tuple) else (body,)
         if self.request_version == "HTTP/0.9":  # errors found before the version was read
             self.request_version = "HTTP/1.0"
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            for part in parts:
+                self.wfile.write(part)
 
     def send_json(self, status, obj, headers=()):
         body = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
