@@ -1,17 +1,18 @@
 #!/usr/bin/python3
 """vadvisor: a read-only monitoring agent for KVM/libvirt hypervisors.
 
-One file, the standard library and the libvirt binding.  It samples every
-domain with one bulk getAllDomainStats call per interval and serves:
+One file, the standard library and the libvirt binding.  Every second it reads
+each domain's state from libvirt and its CPU, vCPU, memory and network counters
+from the host kernel; everything else libvirt reads for each domain every
+--full-interval.  It serves Prometheus metrics, a cAdvisor-like JSON API with a
+minute of history, specs, events and a browser page (ROUTES lists them), and
+optionally pushes StatsD.  libvirt is only ever opened read-only: the agent
+never changes a domain.
 
-  /metrics              Prometheus text 0.0.4 or OpenMetrics 1.0
-  /api/v1.0/stats/      cAdvisor-like JSON with a minute of history
-  /api/v1.0/specs/      domain XML as JSON
-  /api/v1.0/events      lifecycle events: history and a live stream
-  /healthz              the agent's own state
-
-It optionally pushes the same values to StatsD.  libvirt is only ever opened
-read-only: the agent never changes a domain.
+The file reads the way data flows: constants; the libvirt connection; sampling
+(the host-kernel tier, the libvirt tier, the spec reader, the per-domain store,
+the sampler); the family registry; the formatters; the event hub; HTTP; systemd;
+the command line; the browser page last.
 """
 
 import argparse
@@ -191,6 +192,11 @@ def cached(cache, key, make, limit=20000):
     return found
 
 
+def codes(names, first=0):
+    """'0 nostate, 1 running, ...': an enum table as help texts spell it."""
+    return ", ".join("%d %s" % (code, names[code].lower()) for code in range(first, len(names)))
+
+
 def enum_name(names, code):
     """The name for a libvirt enum code; 'Unknown' for codes we do not know."""
     if isinstance(code, int) and 0 <= code < len(names):
@@ -336,9 +342,9 @@ def quietly(call, *args):
 class Hypervisor(object):
     """The agent's one read-only libvirt connection.
 
-    The sampler opens, uses and drops it (each call in a bounded worker, see
-    Sampler.bounded); the spec thread reads domain XML over it.  The close
-    callback (event-loop thread) only marks it broken; the sampler reopens it.
+    The sampler opens, uses and drops it (each call through the LibvirtCaller);
+    the spec reader reads domain XML over it.  The close callback (event-loop
+    thread) only marks it broken; the sampler reopens it.
     """
 
     def __init__(self, uri, on_lifecycle=None, events=False):
@@ -353,6 +359,7 @@ class Hypervisor(object):
         self.on_event = None    # called with (name, uuid, event_type, reason, details)
         self.event_ids = []     # callback ids of the other event kinds
         self.info = ()          # ((label, value), ...) of the daemon, read at connection
+        self.opened = 0         # connections opened so far
         self.opening = threading.Lock()
 
     def connection(self):
@@ -371,6 +378,7 @@ class Hypervisor(object):
                 self._watch(conn)
                 self.info = describe(conn)
                 self.conn = conn
+                self.opened += 1
                 self._set_state(True, None)
             return self.conn
 
@@ -459,8 +467,83 @@ class Hypervisor(object):
         self.up, self.error = up, error
 
 
+class Stuck(Exception):
+    """A libvirt call outlived --libvirt-timeout."""
+
+
+class LibvirtCaller(object):
+    """Every libvirt call that may wait on libvirtd or a guest goes through here:
+    the sampler's, the spec reader's and the job watch's.
+
+    A call runs in a worker thread and is waited for at most --libvirt-timeout.
+    One that takes longer is left to finish on its own (libvirt calls cannot be
+    cancelled) and counted as stuck; with MAX_STUCK of them still running no new
+    call is started, so stuck calls never pile up.  While a caller waits, the
+    heartbeat goes on (see wait)."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout              # --libvirt-timeout
+        self.stuck = 0                      # abandoned calls still running
+        self.timeouts_total = 0
+        self.last_answer = time.monotonic() # when a call last returned
+        self.heartbeat = None               # called while waiting (the systemd watchdog) ...
+        self.beating = None                 # ... by this thread alone: the sampling one
+        self.lock = threading.Lock()
+
+    def __call__(self, call, *args):
+        """call(*args), or Stuck when it outlives --libvirt-timeout."""
+        if self.stuck >= MAX_STUCK:
+            raise Stuck("%d libvirt calls have not returned" % self.stuck)
+        box = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                box["result"] = call(*args)
+            except BaseException as exc:
+                box["error"] = exc
+            with self.lock:
+                self.last_answer = time.monotonic()
+                if box.get("abandoned"):
+                    self.stuck -= 1
+                done.set()
+        threading.Thread(target=work, name="libvirt-call", daemon=True).start()
+        if not self.wait(done, self.timeout):
+            with self.lock:
+                if not done.is_set():
+                    box["abandoned"] = True
+                    self.stuck += 1
+                    self.timeouts_total += 1
+                    raise Stuck("a libvirt call took longer than %g s" % self.timeout)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def responsive(self):
+        """False while libvirt answers nothing at all (for the watchdog)."""
+        return self.stuck == 0 or time.monotonic() - self.last_answer < 2 * self.timeout
+
+    def wait(self, event, seconds):
+        """event.wait(seconds), beating the heartbeat every 0.2 s meanwhile while libvirt
+        is responsive (on the sampling thread: a spec read waiting does not beat).
+
+        The beat goes on through the sampler's rests, while libvirt is down and while
+        a call waits on a hung guest; it stops only once libvirt has answered nothing
+        for twice --libvirt-timeout, which is what the systemd watchdog is for."""
+        deadline = time.monotonic() + seconds
+        beat = self.heartbeat if threading.current_thread() is self.beating else None
+        while True:
+            if beat is not None and self.responsive():
+                beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return event.is_set()
+            if event.wait(min(left, 0.2)):
+                return True
+
+
 # =============================================================================
-# Sampler and history store
+# Sampling: the host-kernel tier, the libvirt tier, the spec reader, the store
 # =============================================================================
 
 TIERS = ("fast", "full")    # a sample's tier, TIERS[full]: the kernel's reads, or libvirt's every group
@@ -769,19 +852,14 @@ def local_qemu(conn, driver):
 
 
 class KernelTier(object):
-    """The fast tier's host-kernel reads: each running QEMU domain's process is
+    """The fast tier's host-kernel reads.  Each running QEMU domain's process is
     found once, by the '-uuid' argument in its command line, and its files are
-    then kept open.  A domain whose process cannot be found or read falls back
-    to libvirt (logged once); it is looked for again after --full-interval, or
-    at once after a lifecycle event."""
+    then kept open, in the domain's record.  A domain whose process cannot be
+    found or read falls back to libvirt (logged once); it is looked for again
+    after --full-interval, or at once after a lifecycle event."""
 
     def __init__(self, retry_seconds):
         self.retry = retry_seconds
-        self.processes = {}     # uuid -> QemuProcess
-        self.unmatched = {}     # uuid -> when to look again (monotonic)
-        self.logged = set()     # uuids whose fallback was logged
-        self.told = {}          # uuid -> the kinds of value logged as read through libvirt
-        self.views = {}         # uuid -> (spec, nic_views(spec))
         self.reason = "not connected yet"   # why the kernel is not read, or None
         self.conn = None        # the connection the reason is about
         self.net = None
@@ -802,80 +880,79 @@ class KernelTier(object):
                 log.info("CPU, vCPU, memory and network statistics come from the host kernel")
         self.reason = reason
 
-    def begin(self, wanted):
-        """A new round; wanted: [(uuid, domain id)] of active domains."""
+    def begin(self, running):
+        """A new round; running: [(DomainRecord, domain id)] of the active domains."""
         self.counters = None
         now = time.monotonic()
-        missing = [(u, i) for u, i in wanted if u not in self.processes
-                   and self.unmatched.get(u, 0) <= now]
+        missing = [(r, i) for r, i in running if r.process is None and r.look_again <= now]
         if missing:
-            found = qemu_processes([u for u, _ in missing])
+            found = qemu_processes([r.uuid for r, _ in missing])
             news = []
-            for uuid, dom_id in missing:
-                why = self.match(uuid, dom_id, found.get(uuid, ()))
+            for record, dom_id in missing:
+                why = self.match(record, dom_id, found.get(record.uuid, ()))
                 if why:
-                    self.unmatched[uuid] = now + self.retry
-                    if uuid not in self.logged:
-                        self.logged.add(uuid)
-                        news.append("%s: %s" % (uuid, why))
+                    record.look_again = now + self.retry
+                    if not record.process_told:
+                        record.process_told = True
+                        news.append("%s: %s" % (record.uuid, why))
             if news:    # one line a round, however many domains (hidepid hides them all)
                 log.warning("%d domain(s) read through libvirt, not the host kernel: %s%s",
                             len(news), news[0], " (and more)" if len(news) > 1 else "")
 
-    def match(self, uuid, dom_id, candidates):
-        """Keeps the domain's process; returns why not, or None."""
+    def match(self, record, dom_id, candidates):
+        """Keeps the domain's process in its record; returns why not, or None."""
         if len(candidates) > 1:     # a migration between two hosts on one machine
             mark = ("domain-%d-" % dom_id).encode()
             candidates = [c for c in candidates if mark in c[2]]
         if not candidates:
-            return "no visible process has -uuid %s" % uuid
+            return "no visible process has -uuid %s" % record.uuid
         if len(candidates) > 1:
-            return "several processes have -uuid %s" % uuid
+            return "several processes have -uuid %s" % record.uuid
         pid, start, _ = candidates[0]
         try:
-            self.processes[uuid] = QemuProcess(pid, start)
+            record.process = QemuProcess(pid, start)
         except OSError as exc:
             return "process %d not readable: %s" % (pid, exc)
-        self.unmatched.pop(uuid, None)
-        self.logged.discard(uuid)
+        record.look_again = 0.0
+        record.process_told = False
         return None
 
-    def read(self, uuid, stats, spec):
+    def read(self, record, shape, spec):
         """(the kernel's values for a running domain, {kind: why} of the FAST_KINDS it
-        could not give): libvirt must read those."""
-        process = self.processes.get(uuid)
+        could not give): libvirt must read those.  shape: a record of the domain
+        with its vCPU states and NIC names."""
+        process = record.process
         if process is None:
             return {}, dict.fromkeys(KERNEL_KINDS, "its process is not found")
-        vcpus = tuple(int(k.split(".")[1]) for k in stats
+        vcpus = tuple(int(k.split(".")[1]) for k in shape
                       if k.startswith("vcpu.") and k.endswith(".state"))
         try:
             found, every_vcpu = process.read(vcpus)
         except (OSError, LookupError, IndexError, ValueError) as exc:
-            self.forget(uuid)       # gone or reused: looked for again next round
-            log.debug("domain %s: process %d not read: %s", uuid, process.pid, exc)
+            self.forget(record)     # gone or reused: looked for again next round
+            log.debug("domain %s: process %d not read: %s", record.uuid, process.pid, exc)
             return {}, dict.fromkeys(KERNEL_KINDS, "its process is gone")
         missing = {}
         if not every_vcpu:
             missing["vcpu"] = "a vCPU thread named 'CPU N/KVM' is not found"
-        why = self.add_network(uuid, stats, spec, found)
+        why = self.add_network(record, shape, spec, found)
         if why:
             missing["network"] = why
-        self.tell(uuid, missing)
+        self.tell(record, missing)
         return found, missing
 
-    def add_network(self, uuid, stats, spec, found):
+    def add_network(self, record, shape, spec, found):
         """Adds the counters of the domain's taps to found; returns why a NIC's were
         not read, or None."""
-        names = [(key[:-4], tap) for key, tap in stats.items()
+        names = [(key[:-4], tap) for key, tap in shape.items()
                  if key.startswith("net.") and key.endswith(".name")]
         if not names:
             return None
         if spec is None:
             return SPEC_PENDING
-        cached_spec, views = self.views.get(uuid, (None, {}))
-        if spec is not cached_spec:
-            views = nic_views(spec)
-            self.views[uuid] = (spec, views)
+        if record.views is None or record.views[0] is not spec:
+            record.views = (spec, nic_views(spec))
+        views = record.views[1]
         why = None
         for prefix, tap in names:
             if tap not in views:
@@ -893,29 +970,26 @@ class KernelTier(object):
                 found[prefix + field] = values[i]
         return why
 
-    def tell(self, uuid, missing):
+    @staticmethod
+    def tell(record, missing):
         """Logs once per domain and kind a kind of value the kernel could not give (not
         while the domain's XML is still being read: a new domain's first rounds)."""
-        told = self.told.setdefault(uuid, set())
         for kind, why in sorted(missing.items()):
-            if kind not in told and why is not SPEC_PENDING:
-                told.add(kind)
+            if kind not in record.kinds_told and why is not SPEC_PENDING:
+                record.kinds_told = record.kinds_told | {kind}
                 log.warning("domain %s: its %s values are read through libvirt, not the host "
-                            "kernel: %s", uuid, kind, why)
+                            "kernel: %s", record.uuid, kind, why)
 
-    def forget(self, uuid):
-        process = self.processes.pop(uuid, None)
-        if process is not None:
-            process.close()
+    @staticmethod
+    def forget(record):
+        """Closes the domain's process files (it is gone, or reused)."""
+        record.close()
 
-    def keep_only(self, uuids):
-        """Forget what is kept for domains no longer active."""
-        for uuid in [u for u in self.processes if u not in uuids]:
-            self.forget(uuid)
-        for table in (self.unmatched, self.views, self.told):
-            for uuid in [u for u in table if u not in uuids]:
-                del table[uuid]
-        self.logged &= set(uuids)
+    def stopped(self, record):
+        """The domain does not run: nothing of its process is kept, nothing was said."""
+        self.forget(record)
+        record.look_again, record.views = 0.0, None
+        record.process_told, record.kinds_told = False, frozenset()
 
 
 NET_FIELDS = ("rx.bytes", "rx.pkts", "rx.errs", "rx.drop",
@@ -945,18 +1019,14 @@ def group_mask(groups, warn=False):
     return mask
 
 
-class Stuck(Exception):
-    """A libvirt call outlived --libvirt-timeout."""
-
-
 def is_paused(stats, reasons):
     """True for a paused domain whose pause reason is one of reasons."""
     return stats.get("state.state") == PAUSED and stats.get("state.reason") in reasons
 
 
 def job_keys(job):
-    """jobStats()'s numbers as the metric table's job.* keys; the dirty rate, in
-    pages per second, also in bytes."""
+    """jobStats()'s numbers as the registry's job.* keys; the dirty rate, in pages
+    per second, also in bytes."""
     keys = dict(("job." + k, v) for k, v in job.items() if type(v) in NUMBER_TYPES)
     pages = job.get("memory_dirty_rate")
     if type(pages) is int:
@@ -978,12 +1048,461 @@ def is_partial(last, stats):
     return True
 
 
-class Sample(object):
-    """One round's result: [(uuid, name, {flat key: value})], every value in
-    libvirt's keys and units whichever tier read it."""
+def merge(now, libvirt, full_read, kernel=None, last_kernel=None, full=None, complete=None,
+          disk_errors=None):
+    """One domain's record of a round: each value from the first of its sources that
+    has it, in this order:
 
-    __slots__ = ("seq", "time", "duration", "domains", "gone", "cache", "full", "kernel_domains",
-                 "through_libvirt", "derived")
+      1. the host kernel now (kernel: the kinds of value it could give);
+      2. libvirt now (libvirt): the state group and the kinds the kernel could not
+         give, or, in a full read, every group;
+      3. the kernel's last reading (last_kernel): a value it gave last time but not
+         now (a vCPU thread or a tap gone since) stays that newer value;
+      4. the newest full record (full: (record, when read)), in a fast round;
+      5. the last complete full read (complete: (record, when, key count)), for a
+         full read that NOWAIT answered in part: a guest whose job is held (a hung
+         one) keeps its state and devices but loses its counters.
+
+    A domain with no full record yet carries nothing, nor does one that stopped (it
+    has no counters); one whose state changed since its full record wants a full
+    read.  Disk errors (diskErrors()' keys) show only while the domain is paused by
+    an I/O error.
+
+    Returns (record, full, complete, wanted): the round's record with its
+    vadvisor.stale and vadvisor.stats_age; what to keep as the newest full record
+    and as the last complete one (None: what is kept stays); True when the domain
+    wants a full read next round."""
+    kept_full = kept_complete = None
+    wanted = False
+    if full_read:
+        if complete is not None and len(libvirt) < complete[2] and is_partial(complete[0], libvirt):
+            record = dict(complete[0])
+            record.update(libvirt)
+            record["vadvisor.stale"], record["vadvisor.stats_age"] = 1, now - complete[1]
+        else:
+            record = dict(libvirt, **{"vadvisor.stale": 0, "vadvisor.stats_age": 0})
+            kept_complete = (record, now, len(libvirt))
+        kept_full = (record, now)
+        record = dict(record)       # the kept records stay libvirt's (the round adds to its own)
+    else:
+        base, read_at = full or (None, 0.0)
+        state = libvirt.get("state.state")
+        wanted = base is None or base.get("state.state") != state
+        if base is None or wanted and state in INACTIVE_STATES:
+            record = dict(libvirt, **{"vadvisor.stale": 0, "vadvisor.stats_age": 0})
+        else:
+            record = dict(base)
+            record.update(last_kernel or ())
+            record.update(libvirt)
+            record["vadvisor.stats_age"] = base["vadvisor.stats_age"] + max(0.0, now - read_at)
+    if kernel:
+        record.update(kernel)
+    if disk_errors and is_paused(record, (PAUSED_IOERROR,)):
+        record.update(disk_errors)
+    return record, kept_full, kept_complete, wanted
+
+
+class JobWatch(object):
+    """The domains' running jobs (migration, save, dump, snapshot): jobStats() of
+    each domain that has one, every fast round, and how each job ended.
+
+    libvirt tells of no job's start, so the signs of one are used: a
+    migration's iteration event (its first comes as it starts; a save is a
+    migration to a file) and a pause for a migration, save, dump or snapshot
+    (the fast tier sees the state every round).  A domain is read while
+    jobStats() says a job runs: no call at all while no domain has a job.
+    (A full read that comes back partial is no sign: a hung guest does that,
+    and jobStats() would wait on it too.)  Runs on the sampler's thread; hints
+    come from the event loop's, through the store.  A job's state is its
+    domain's record's: job, idle_pause, ending.
+    """
+
+    def __init__(self, call, store):
+        self.call = call                    # the LibvirtCaller
+        self.store = store
+        self.calls = {"jobStats": 0, "diskErrors": 0}
+        self.on_end = None                  # (name, uuid, operation, result)
+
+    def read(self, readings):
+        """Adds the job.* keys of the domains with a job to their records of the round
+        (readings: [(DomainRecord, virDomain, record)]); returns the calls' duration."""
+        hints = self.store.take_hints()
+        spent = 0.0
+        for record, dom, stats in readings:
+            paused = self.paused_for_job(record, stats)
+            if not (record.job is not None or record.uuid in hints or paused):
+                continue
+            clock = time.monotonic()
+            job = self.stats(dom.jobStats)
+            spent += time.monotonic() - clock
+            if job is None:             # no answer: ask again next round, decide nothing
+                self.store.hint(record.uuid)
+            elif job.get("type") in JOB_RUNNING:
+                seen = record.job[1] if record.job is not None else time.time()
+                record.job = (job, seen)
+                stats.update(job_keys(job))
+            else:
+                if paused:
+                    record.idle_pause = stats.get("state.reason")   # ask once
+                if record.job is not None:
+                    self.ended(record, dom)
+        self.settle()
+        return spent
+
+    def paused_for_job(self, record, stats):
+        """True for a domain paused by a job's kind of pause that was not found idle."""
+        paused = is_paused(stats, JOB_PAUSE_REASONS)
+        if not paused or record.idle_pause not in (None, stats.get("state.reason")):
+            record.idle_pause = None
+        return paused and record.idle_pause is None
+
+    def ended(self, record, dom):
+        """A job seen running has gone: how it ended is decided once its
+        JobCompleted event had time to come (settle)."""
+        running, seen = record.job
+        record.job = None
+        last = self.stats(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED")) or {}
+        operation = running.get("operation")
+        result = JOB_RESULTS.get(last.get("type")) if last.get("operation") == operation else None
+        self.end(record, operation, result, seen)
+
+    @staticmethod
+    def end(record, operation, result, seen):
+        record.ending = record.ending + [(enum_name(JOB_OPERATIONS, operation), result, seen,
+                                          time.monotonic())]
+
+    def settle(self):
+        """Counts the jobs that ended JOB_EVENT_WAIT ago, unless a JobCompleted event
+        counted them: as libvirt's record of them says, and a migration with no
+        record as failed (libvirt 9.0 keeps none of a cancelled one).  A job of
+        which libvirt says nothing at all (a dump) is not counted."""
+        now = time.monotonic()
+        for record in self.store.with_ending():
+            waiting = []
+            for operation, result, seen, ended in record.ending:
+                if now - ended < JOB_EVENT_WAIT:
+                    waiting.append((operation, result, seen, ended))
+                    continue
+                if record.completed_at >= seen:
+                    continue        # its JobCompleted event came
+                if result is None and operation.startswith("migration"):
+                    result = "failed"
+                if result is not None and self.on_end is not None:
+                    self.on_end(record.name, record.uuid, operation, result)
+            record.ending = waiting
+
+    def stats(self, call, *args):
+        """A job-statistics call (jobStats, diskErrors): its reply, or None when the
+        domain went, libvirt refused or did not answer (logged at debug: a domain
+        may go any time)."""
+        self.calls[call.__name__] += 1
+        try:
+            reply = self.call(call, *args)
+        except (libvirt.libvirtError, Stuck) as exc:
+            log.debug("%s: %s", call.__name__, exc)
+            return None
+        return reply if isinstance(reply, dict) else None
+
+    def disk_errors(self, dom, stats):
+        """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
+        read only for a domain paused by an I/O error (at its full reads)."""
+        found = {}
+        targets = dict((stats.get("block.%d.name" % i), i)
+                       for i in range(int(stats.get("block.count", 0))))
+        for device, code in (self.stats(dom.diskErrors) or {}).items():
+            if code and device in targets:
+                error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
+                found["block.%d.error.%s" % (targets[device], error)] = 1
+        return found
+
+    def departed(self, record):
+        """The domain left libvirt's list: a job of it is ended (an outgoing
+        migration's JobCompleted event says it completed)."""
+        if record.job is not None:
+            running, seen = record.job
+            record.job = None
+            self.end(record, running.get("operation"), None, seen)
+        record.idle_pause = None
+
+
+# -- the spec reader --------------------------------------------------------------
+
+class SpecReader(object):
+    """Domain specifications (the XML as JSON, see element_json) and their info
+    labels (domain_info), read by a thread of their own through the libvirt caller.
+
+    A domain's XML is read when it first appears in a sample and again after any
+    event that may change it (its record's spec_stale); requests never read XML
+    themselves.  Reading XML needs no guest, so a hung guest does not hold it up;
+    a hung libvirtd makes the read a stuck call like any other."""
+
+    def __init__(self, call, store, metadata_labels=(), inline=False):
+        self.call, self.store, self.metadata_labels = call, store, metadata_labels
+        self.inline = inline    # read in the caller's thread (--once)
+        self.lock = threading.Lock()
+        self.updated = threading.Condition(self.lock)
+        self.seq = 0            # the sample the specs were last read for
+        self.pending = None     # ({uuid: virDomain}, seq) for the thread
+        self.working = False
+
+    def request(self, domains, seq):
+        """Read what a new sample needs, in the spec thread; never two at a time."""
+        if self.inline:
+            return self.read(domains, seq)
+        with self.lock:
+            self.pending = (domains, seq)
+            if self.working:
+                return
+            self.working = True
+        threading.Thread(target=self._work, name="specs", daemon=True).start()
+
+    def _work(self):
+        while True:
+            with self.lock:
+                job, self.pending = self.pending, None
+                if job is None:
+                    self.working = False
+                    return
+            try:
+                self.read(*job)
+            except Exception as exc:  # keep specs flowing whatever one round met
+                log.warning("spec refresh failed: %s", exc)
+
+    def read(self, domains, seq):
+        """Reads the XML of the domains (uuid -> virDomain) whose spec is missing or stale."""
+        changed = False
+        for uuid, dom in domains.items():
+            record = self.store.get(uuid)
+            if record is None or record.spec is not None and not record.spec_stale:
+                continue
+            record.spec_stale = False   # before the read: a change during it marks it again
+            try:
+                root = ElementTree.fromstring(self.call(dom.XMLDesc, 0))
+            except (libvirt.libvirtError, Stuck) as exc:
+                log.debug("spec of %s not read: %s", uuid, exc)
+                record.spec_stale = True    # read again next round
+                continue
+            except ElementTree.ParseError as exc:
+                log.warning("spec of %s is not valid XML: %s", uuid, exc)
+                continue
+            record.spec = element_json(root)
+            info = domain_info(root, self.metadata_labels)
+            if info != record.info:
+                record.info = info
+                changed = True
+        if changed:
+            self.store.info_changed()
+        with self.lock:
+            self.seq = seq
+            self.updated.notify_all()
+
+    def get(self, key, seq=0, timeout=0):
+        """The spec of a domain by uuid or name, once specs are as new as sample seq."""
+        with self.lock:
+            self.updated.wait_for(lambda: self.seq >= seq, timeout)
+        record = self.store.find(key)
+        return record.spec if record is not None else None
+
+    def all(self):
+        """The specs of the domains of the latest sample, by name."""
+        specs = [r.spec for r in self.store.present_records() if r.spec is not None]
+        return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
+
+
+# -- the per-domain store ----------------------------------------------------------
+
+class DomainRecord(object):
+    """Everything the agent keeps of one domain, in one place, whichever stage
+    keeps it; DomainStore forgets it whole once the domain is gone."""
+
+    __slots__ = (
+        "uuid", "name", "seen", "gone_at",
+        # the host-kernel tier: its QEMU process, when to look for it again, what
+        # was logged, its NICs' kinds, the kernel's values of its latest sample
+        "process", "look_again", "process_told", "kinds_told", "views", "kernel",
+        # the libvirt tier: its newest full record, its last complete one, its next
+        # full read, diskErrors()' keys of its I/O-error pause
+        "full", "complete", "due", "disk_errors",
+        # its job (jobStats() and when first seen), a pause found without one, jobs
+        # that ended and wait for their JobCompleted event
+        "job", "idle_pause", "ending",
+        # the spec reader: the XML as JSON, its info families, whether to read it again
+        "spec", "info", "spec_stale",
+        # events: counts {(family, labels): n}, the latest JobCompleted's details and
+        # when it came, when the latest lifecycle event came
+        "tallies", "last_job", "completed_at", "changed_at",
+        # its samples of the last --history seconds (History)
+        "ring",
+    )
+
+    def __init__(self, uuid, name):
+        self.uuid, self.name = uuid, name
+        self.seen = False           # in a sample yet
+        self.gone_at = None         # when it left libvirt's list (Unix time)
+        self.process = self.views = self.full = self.complete = self.job = None
+        self.idle_pause = self.spec = self.info = self.last_job = self.changed_at = None
+        self.ring = None
+        self.look_again = self.due = self.completed_at = 0.0
+        self.process_told = self.spec_stale = False
+        self.kinds_told = frozenset()
+        self.kernel, self.disk_errors, self.tallies = {}, {}, {}
+        self.ending = []
+
+    def close(self):
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+    def departed(self):
+        """The domain left libvirt's list: what was of that life goes now (a domain back
+        under the same uuid is a new QEMU, with new counters); what is counted of it,
+        its history and its name stay until the record is forgotten."""
+        self.close()
+        self.full = self.complete = self.views = None
+        self.kernel, self.disk_errors = {}, {}
+        self.due = self.look_again = 0.0
+        self.process_told, self.kinds_told = False, frozenset()
+        self.spec_stale = True
+
+
+class DomainStore(object):
+    """Every domain's record, and the one place a domain is forgotten: once it has
+    been gone from libvirt's list for --down-minutes (and, while it has samples in
+    the history, for --history, so that they stay in the JSON API as long as any
+    other's), everything the agent kept of it goes.  Records are made by the sampler and by events (a domain
+    defined and undefined between two samples is never in one, and goes the same
+    way).  Fields one thread writes and others read are replaced whole, never
+    changed in place."""
+
+    def __init__(self, down_seconds=600, history_seconds=60):
+        self.down_seconds = down_seconds
+        self.keep_seconds = max(down_seconds, history_seconds)
+        self.records = {}           # uuid -> DomainRecord
+        self.lock = threading.Lock()
+        self.info_version = 0       # moves when a domain's info labels change
+        self.events_version = 0     # moves when a tally or a job's record does
+        self.wanted = set()         # uuids an event wants read in full next round
+        self.hints = set()          # uuids an event says may have a job
+
+    def get(self, uuid):
+        return self.records.get(uuid)
+
+    def record(self, uuid, name):
+        """The domain's record, made if it has none."""
+        record = self.records.get(uuid)
+        if record is None:
+            with self.lock:
+                record = self.make(uuid, name)
+        return record
+
+    def make(self, uuid, name):
+        """The domain's record, made if it has none; with the lock held (what events
+        write goes into a record eviction cannot take away meanwhile)."""
+        record = self.records.get(uuid)
+        if record is None:
+            record = self.records[uuid] = DomainRecord(uuid, name)
+        return record
+
+    def present(self, domains, now):
+        """The round's domains, [(uuid, name)]: their records, made or renamed; the
+        others marked gone, and forgotten once gone long enough.  Returns (their
+        records, the records that left since the last round)."""
+        records = [self.record(uuid, name) for uuid, name in domains]
+        here = set()
+        for record, (_, name) in zip(records, domains):
+            record.name, record.seen, record.gone_at = name, True, None
+            here.add(record.uuid)
+        left = []
+        with self.lock:
+            for record in list(self.records.values()):
+                if record.uuid in here:
+                    continue
+                if record.gone_at is None:
+                    record.gone_at = now
+                    if record.seen:
+                        record.departed()
+                        left.append(record)
+                elif record.job is not None or record.ending:
+                    continue        # a job's end is still to be counted
+                elif now - record.gone_at > (self.keep_seconds if record.ring else self.down_seconds):
+                    del self.records[record.uuid]
+                    record.close()
+                    if record.tallies or record.last_job is not None:
+                        self.events_version += 1
+        return records, left
+
+    def departed(self, now):
+        """[(uuid, name)] of the domains that left within --down-minutes (vm_up 0)."""
+        return sorted((r.uuid, r.name) for r in list(self.records.values())
+                      if r.seen and r.gone_at is not None and now - r.gone_at <= self.down_seconds)
+
+    def present_records(self):
+        return [r for r in list(self.records.values()) if r.seen and r.gone_at is None]
+
+    def find(self, key):
+        """A present domain's record by uuid or name."""
+        record = self.records.get(canonical_uuid(key) or key)
+        if record is None:
+            record = next((r for r in self.present_records() if r.name == key), None)
+        return record if record is not None and record.gone_at is None else None
+
+    def with_ending(self):
+        return [r for r in list(self.records.values()) if r.ending]
+
+    # -- what events ask of the next round -----------------------------------------
+    def want_full(self, uuid):
+        self.wanted.add(uuid)
+
+    def take_wanted(self):
+        wanted, self.wanted = self.wanted, set()
+        return wanted
+
+    def hint(self, uuid):
+        self.hints.add(uuid)
+
+    def take_hints(self):
+        hints, self.hints = self.hints, set()
+        return hints
+
+    def mark_spec(self, uuid, name):
+        with self.lock:
+            self.make(uuid, name).spec_stale = True
+
+    def info_changed(self):
+        with self.lock:
+            self.info_version += 1
+
+    # -- what events leave -----------------------------------------------------------
+    def count(self, uuid, name, series):
+        """Adds one to the domain's tally of each (family, labels) of series."""
+        with self.lock:
+            record = self.make(uuid, name)
+            tallies = dict(record.tallies)
+            for key in series:
+                tallies[key] = tallies.get(key, 0) + 1
+            record.tallies = tallies
+            self.events_version += 1
+
+    def lifecycle(self, uuid, name, when):
+        with self.lock:
+            self.make(uuid, name).changed_at = when
+            self.events_version += 1
+
+    def job_completed(self, uuid, name, details, when):
+        with self.lock:
+            record = self.make(uuid, name)
+            record.last_job, record.completed_at = details, when
+            self.events_version += 1
+
+
+# -- the sampler ----------------------------------------------------------------------
+
+class Sample(object):
+    """One round's result, never changed once published: [(uuid, name, {flat key:
+    value})], every value in libvirt's keys and units whichever tier read it."""
+
+    __slots__ = ("seq", "time", "duration", "domains", "gone", "full", "kernel_domains",
+                 "through_libvirt")
 
     def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0,
                  through_libvirt=None):
@@ -991,13 +1510,415 @@ class Sample(object):
         self.time = when
         self.duration = duration    # of the round's libvirt calls
         self.domains = domains
-        self.gone = gone        # [(uuid, name)] of recently vanished domains
-        self.full = full        # True: libvirt read every group (the full tier)
+        self.gone = gone        # [(uuid, name)] of the domains that left within --down-minutes
+        self.full = full        # True: libvirt read every group of every domain (a bulk call)
         self.kernel_domains = kernel_domains    # running domains whose fast values the kernel gave, all
         # {kind: running domains whose values of that kind (KERNEL_KINDS) libvirt read}
         self.through_libvirt = through_libvirt or {}
-        self.cache = {}         # rendered bodies, per format
-        self.derived = {}       # the overview and its totals, worked out once
+
+
+class Reading(object):
+    """One domain in one round: its record, what libvirt and the kernel gave."""
+
+    __slots__ = ("record", "dom", "libvirt", "full_read", "kernel", "missing")
+
+    def __init__(self, record, dom, libvirt, full_read):
+        self.record, self.dom, self.libvirt, self.full_read = record, dom, libvirt, full_read
+        self.kernel, self.missing = {}, {}
+
+    def active(self):
+        return self.libvirt.get("state.state") not in INACTIVE_STATES
+
+
+class Sampler(object):
+    """Takes one sample: libvirt's calls and the kernel's reads, merged per domain
+    (merge) into one Sample.
+
+    The fast tier, every --interval: libvirt's state group (no QEMU work) plus the
+    host kernel's CPU, vCPU, RSS and tap counters of each running QEMU domain;
+    the kinds of value the kernel cannot give for a domain are read through
+    libvirt's groups of them.  The full tier: every group, for each domain every
+    --full-interval (a few domains a round, see schedule), after its lifecycle,
+    device or metadata event, and for live requests (one bulk call)."""
+
+    def __init__(self, hypervisor, call, store, registry, groups, full_interval, rolling, source,
+                 jobs, specs):
+        self.hypervisor, self.call, self.store, self.registry = hypervisor, call, store, registry
+        self.jobs, self.specs = jobs, specs
+        self.groups = groups
+        # The groups holding the fast tier's values, for domains read through libvirt.
+        self.fast_mask = group_mask(FAST_GROUPS) & groups if groups else 0
+        self.state_mask = group_mask(("state",))
+        self.flags = libvirt_constant("VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT")
+        self.full_interval = full_interval
+        self.rolling = rolling              # the full tier rolls (see Pacer)
+        self.kernel = KernelTier(full_interval) if source == "auto" else None
+        self.keep_plans = {}                # a stats dict's keys -> the keys worth keeping
+        self.calls_total = 0
+        self.busy_seconds = 0.0             # time spent in libvirt's stats calls
+        self.full_reads_total = 0           # domains read with every group
+
+    def sample(self, seq, full=True):
+        """Takes sample number seq (full: one bulk call of every group); raises
+        libvirtError or Stuck."""
+        conn = self.call(self.hypervisor.connection)
+        kernel = self.kernel_ready(conn)
+        groups = self.groups if full else (self.state_mask if kernel else self.fast_mask)
+        listed, started, duration = self.stats_call(conn.getAllDomainStats, groups, self.flags)
+        now = time.monotonic()
+        records, left = self.store.present([(dom.UUIDString(), dom.name()) for dom, _ in listed],
+                                           started)
+        for record in left:
+            self.jobs.departed(record)
+        readings = [Reading(record, dom, self.kept(stats), full)
+                    for record, (dom, stats) in zip(records, listed)]
+        wanted = self.store.take_wanted()   # a bulk full read reads them anyway
+        if not full:
+            duration += self.read_in_full(conn, readings, wanted, now)
+        self.schedule([r.record for r in readings if r.full_read], full, now)
+        fallback = []
+        if kernel:
+            self.kernel.begin([(r.record, r.dom.ID()) for r in readings if r.active()])
+            # The counters that move every second are the kernel's, read from here
+            # on: the sample is of this moment, not of a full call's start.
+            started = time.time()
+            fallback = self.read_kernel(readings)
+        if fallback:
+            duration += self.read_fallback(conn, fallback)
+        domains, from_kernel, through_libvirt = self.merge_all(readings, started, kernel)
+        duration += self.jobs.read([(r.record, r.dom, stats) for r, (_, _, stats)
+                                    in zip(readings, domains)])
+        self.busy_seconds += duration
+        self.hypervisor.answered()
+        self.specs.request(dict((r.record.uuid, r.dom) for r in readings), seq)
+        return Sample(seq, started, duration, domains, self.store.departed(started), full,
+                      from_kernel, through_libvirt)
+
+    def kernel_ready(self, conn):
+        """True when this connection's running domains are read from the host kernel."""
+        if self.kernel is None:
+            return False
+        if conn is not self.kernel.conn:
+            driver = dict(self.hypervisor.info).get("driver")
+            self.kernel.attach(conn, self.call(local_qemu, conn, driver))
+        return self.kernel.reason is None
+
+    def read_in_full(self, conn, readings, wanted, now):
+        """In a fast round, the domains whose full read is due, or that an event (or a
+        change of state) asks to be read (wanted), in one domainListGetStats call;
+        returns its duration."""
+        due = [r for r in readings if r.record.uuid in wanted
+               or self.rolling and r.record.due and r.record.due <= now]
+        if not due:
+            return 0.0
+        extra, _, spent = self.stats_call(conn.domainListGetStats, [r.dom for r in due],
+                                          self.groups, self.flags)
+        fresh = dict((dom.UUIDString(), stats) for dom, stats in extra)
+        for reading in due:
+            stats = fresh.get(reading.record.uuid)
+            if stats is not None:
+                reading.libvirt, reading.full_read = self.kept(stats), True
+        return spent
+
+    def schedule(self, read, bulk, now):
+        """The next full read of the domains just read in full, one --full-interval on.
+
+        Domains new to the schedule (all of them at the first sample) are spread
+        over one --full-interval, so that each fast round reads a few of them in
+        one domainListGetStats call: libvirtd and QEMU get an even load, and no
+        bulk call of every domain holds up the fast tier.  A bulk sample (a live
+        request) leaves the others' turns where they are."""
+        self.full_reads_total += len(read)
+        new = [record for record in read if not record.due]
+        for i, record in enumerate(new):
+            record.due = now + self.full_interval * (i + 1) / len(new)
+        if not bulk:
+            for record in read:
+                record.due = now + self.full_interval
+
+    def read_kernel(self, readings):
+        """The kernel's values of every running domain; returns the readings whose
+        missing kinds libvirt must read (those not read in full this round)."""
+        fallback = []
+        for r in readings:
+            if not r.active():
+                self.kernel.stopped(r.record)
+                r.record.kernel = {}
+                continue
+            r.kernel, r.missing = self.kernel.read(r.record, self.shape(r), r.record.spec)
+            if r.missing and not r.full_read:
+                fallback.append(r)
+        return fallback
+
+    @staticmethod
+    def shape(reading):
+        """A record of the domain with its vCPU states and NIC names, for the kernel:
+        the newest full record in a fast round, the last complete one under a full
+        read NOWAIT answered in part (see merge)."""
+        record, libvirt = reading.record, reading.libvirt
+        if not reading.full_read:
+            return record.full[0] if record.full is not None else libvirt
+        complete = record.complete
+        if complete is not None and len(libvirt) < complete[2] and is_partial(complete[0], libvirt):
+            return dict(complete[0], **libvirt)
+        return libvirt
+
+    def read_fallback(self, conn, fallback):
+        """The kinds of value the kernel could not give, through libvirt: one call for
+        the domains concerned, with the groups of those kinds; returns its duration."""
+        kinds = set(kind for r in fallback for kind in r.missing)
+        mask = self.state_mask | group_mask(g for kind, g in FAST_KINDS if kind in kinds)
+        records, _, spent = self.stats_call(conn.domainListGetStats, [r.dom for r in fallback],
+                                            mask & self.fast_mask, self.flags)
+        readings = dict((r.record.uuid, r) for r in fallback)
+        for dom, stats in records:
+            reading = readings.get(dom.UUIDString())
+            if reading is not None:
+                reading.libvirt.update(self.kept(stats))
+        return spent
+
+    def merge_all(self, readings, now, kernel):
+        """The round's records, by merge; the running domains the kernel gave every fast
+        value of, and per kind of value how many libvirt read instead."""
+        domains, from_kernel = [], 0
+        through_libvirt = dict.fromkeys(KERNEL_KINDS, 0)
+        for r in readings:
+            record = r.record
+            if not is_paused(r.libvirt, (PAUSED_IOERROR,)):
+                record.disk_errors = {}
+            elif r.full_read:   # read again at each full read while the pause lasts
+                record.disk_errors = self.jobs.disk_errors(r.dom, r.libvirt)
+            stats, full, complete, wanted = merge(now, r.libvirt, r.full_read, r.kernel,
+                                                  record.kernel, record.full, record.complete,
+                                                  record.disk_errors)
+            record.full = full or record.full
+            record.complete = complete or record.complete
+            if wanted:
+                self.store.want_full(record.uuid)
+            if r.kernel:
+                record.kernel = r.kernel
+            if kernel and r.active():
+                from_kernel += not r.missing
+                for kind in r.missing:
+                    through_libvirt[kind] += 1
+            domains.append((record.uuid, record.name, stats))
+        return domains, from_kernel, through_libvirt
+
+    def stats_call(self, call, *args):
+        """A libvirt stats call, tried again at once when it outlives --libvirt-timeout.
+
+        A call stuck on a hung guest holds that guest's job; the second call's
+        NOWAIT flag makes libvirt skip that guest and answer for the others.
+        Returns (records, wall-clock start, duration) of the call that answered:
+        the values are from its moment, and an abandoned call waits on a guest's
+        monitor, not on libvirtd's CPU, so the pacing rule does not count it.
+        """
+        for attempt in (1, 2):
+            self.calls_total += 1
+            started, clock = time.time(), time.monotonic()
+            try:
+                records = self.call(call, *args)
+                return records, started, time.monotonic() - clock
+            except Stuck:
+                if attempt == 2:
+                    raise
+
+    def kept(self, stats):
+        """The stats the agent uses: keys the registry maps, device names and
+        counts.  The vcpu group alone brings some 37 KVM statistics per vCPU
+        that only --collect vm exports; not keeping them halves a sample."""
+        targets = self.registry.targets
+        keep = cached(self.keep_plans, tuple(stats), lambda: tuple(
+            k for k in stats if targets(k) or k.endswith((".name", ".count"))))
+        return dict((k, stats[k]) for k in keep)
+
+
+class Pacer(object):
+    """When the next sample starts, per tier (the pacing rule).
+
+    A sample starts --interval after the previous one started, a full one
+    --full-interval after the previous full one, and never sooner than the
+    previous call of the same tier took after it ended, so the agent keeps
+    libvirtd busy at most half of the time however slow libvirt gets.  A live
+    request can end the wait early, never that rest.  While libvirt is
+    unreachable it retries after 1, 2, 4 ... 30 seconds."""
+
+    def __init__(self, interval, full_interval):
+        self.interval = interval
+        self.full_interval = max(full_interval or interval, interval)
+        # With --full-interval no longer than --interval every sample is a bulk full one;
+        # otherwise the full tier rolls through the domains in the fast rounds.
+        self.rolling = self.full_interval > interval
+        self.last_full_began = None         # monotonic start of the latest bulk full sample
+        self.full_not_before = 0.0          # the full tier's rest
+        self.backoff = 0
+        self.again = False                  # try again at once (see failed)
+
+    def full_scheduled(self, when):
+        """True when a bulk full sample is due at monotonic time when: the first one,
+        and every one when the full tier does not roll (half an --interval early:
+        samples start on --interval's beat)."""
+        return (self.last_full_began is None
+                or (not self.rolling
+                    and when - self.last_full_began >= self.full_interval - self.interval / 2))
+
+    def full_due(self, now, asked):
+        """True when the sample starting now is a bulk full one (asked: a live request
+        or a failure wants one)."""
+        return (asked or self.full_scheduled(now)) and now >= self.full_not_before
+
+    def taken(self, full, began, duration):
+        """A sample was taken: the rest before the next fast one."""
+        self.backoff = 0
+        if not full:
+            return REST_FACTOR * duration
+        self.last_full_began = began
+        self.full_not_before = time.monotonic() + REST_FACTOR * duration
+        return 0.0
+
+    def failed(self, connection_lost=False, reopened=False):
+        """A sample failed: the rest before the next try.  A connection that worked
+        and just broke (libvirtd restarted) is opened again at once; after that the
+        rest doubles from 1 s to 30 s.  Opening one (reopened) ended an outage."""
+        if reopened:
+            self.backoff = 0
+        if connection_lost and self.backoff == 0:   # once after a sample: then 1 s on
+            self.backoff = 0.5
+            self.again = True
+            return 0.0
+        self.backoff = min(30, max(1, self.backoff * 2))
+        return self.backoff
+
+    def next_start(self, began, ended, rest):
+        if self.again:          # a broken connection: opened again at once
+            self.again = False
+            return ended
+        next_at = max(began + self.interval, ended + rest)
+        if self.full_scheduled(next_at):
+            next_at = max(next_at, self.full_not_before)
+        return next_at
+
+
+class SampleLoop(object):
+    """The sampling thread: takes a sample when the Pacer says so, publishes it (the
+    history, the latest sample and the one before it) and wakes whoever waits for
+    a fresh one.  One thread is the only code that calls libvirt's stats."""
+
+    def __init__(self, sampler, pacer, history, hypervisor, call):
+        self.sampler, self.pacer, self.history = sampler, pacer, history
+        self.hypervisor, self.call = hypervisor, call
+        self.latest = self.latest_full = Sample(0, 0.0, 0.0, [])
+        self.previous = None                # the sample before latest (the overview's rates)
+        self.samples_total = 0
+        self.full_samples_total = 0
+        self.durations = dict.fromkeys(TIERS, 0.0)      # of the latest sample of each tier
+        self.cpu_seconds = dict.fromkeys(TIERS, 0.0)    # the sampler thread's, per tier
+        self.errors_total = 0
+        self.sampling = self.sampling_full = False
+        self.live_wanted = self.full_wanted = False
+        self.wakeup = threading.Event()
+        self.new_sample = threading.Condition()
+        self.stopping = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self.run, name="sampler", daemon=True).start()
+
+    def stop(self):
+        self.stopping.set()
+        self.wakeup.set()
+
+    def run(self):
+        self.call.beating = threading.current_thread()
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            rest = self.round(self.pacer.full_due(began, self.live_wanted or self.full_wanted))
+            ended = time.monotonic()
+            if self.call.wait(self.wakeup, self.pacer.next_start(began, ended, rest) - time.monotonic()):
+                # Woken by a live request, which wants a full sample: keep the
+                # rests, and gather the burst it may belong to so that the
+                # burst shares one call.
+                wait = max(ended + rest, self.pacer.full_not_before) - time.monotonic()
+                self.call.wait(self.stopping, max(wait, LIVE_GATHER_SECONDS))
+            self.wakeup.clear()
+
+    def round(self, full):
+        """One sample; returns the minimum rest before the next fast one."""
+        began = time.monotonic()
+        with self.new_sample:
+            self.sampling, self.sampling_full = True, full
+            if full:
+                self.live_wanted = self.full_wanted = False
+        cpu = thread_cpu()
+        connected, opened = self.hypervisor.up is True, self.hypervisor.opened
+        try:
+            sample = self.sampler.sample(self.latest.seq + 1, full)
+            self.cpu_seconds[TIERS[full]] += thread_cpu() - cpu
+            self.publish(sample)
+            return self.pacer.taken(full, began, sample.duration)
+        except (libvirt.libvirtError, Stuck) as exc:
+            self.errors_total += 1
+            reopened = self.hypervisor.opened > opened
+            lost = (connected or reopened) and not isinstance(exc, Stuck)
+            if isinstance(exc, Stuck):
+                # libvirt does not answer: keep the connection (closing it would
+                # hang too) and let keep-alive or a late answer settle it.
+                self.hypervisor.not_answering(str(exc))
+            else:
+                self.hypervisor.drop(str(exc))      # reopened on the next try
+            self.full_wanted = True     # what was carried may be out of date
+            return self.pacer.failed(lost, reopened)
+        except Exception as exc:  # never let the sampler thread die
+            log.warning("sample failed: %s", exc)
+            log.debug("details", exc_info=True)
+            return max(self.pacer.interval, 1)
+        finally:
+            with self.new_sample:
+                self.sampling = False
+                self.new_sample.notify_all()    # a failed round ends live waits too
+
+    def once(self):
+        """One bulk full sample, published (--once); raises libvirtError or Stuck."""
+        sample = self.sampler.sample(1, True)
+        self.publish(sample)
+        return sample
+
+    def publish(self, sample):
+        self.history.add(sample)
+        with self.new_sample:
+            # the overview's rates span at least half an --interval: a live
+            # request's sample right after a fast one does not make a new base
+            if self.previous is None or sample.time - self.latest.time >= self.pacer.interval / 2:
+                self.previous = self.latest
+            self.latest = sample
+            self.samples_total += 1
+            self.durations[TIERS[sample.full]] = sample.duration
+            if sample.full:
+                self.latest_full = sample
+                self.full_samples_total += 1
+            self.new_sample.notify_all()
+
+    def fresh_sample(self, timeout, started_after=False):
+        """A full sample that completes after this call: concurrent callers share one.
+
+        With started_after, one that also started after it (a sample already
+        under way may predate what the caller looks for, a new domain).
+        Returns None when libvirt is unreachable or no sample came in time.
+        """
+        # up is None while the first connection is being opened: a request
+        # that comes in at start-up waits for it rather than failing.
+        if self.hypervisor.up is False:
+            return None
+        with self.new_sample:
+            under_way = self.sampling and self.sampling_full and not started_after
+            wanted = self.latest.seq + (2 if self.sampling and not under_way else 1)
+            if not under_way:
+                self.live_wanted = True
+                self.wakeup.set()
+            self.new_sample.wait_for(
+                lambda: self.latest_full.seq >= wanted or self.hypervisor.up is False, timeout)
+            if self.latest_full.seq >= wanted:
+                return self.latest_full
+        return None
 
 
 class Ring(object):
@@ -1050,8 +1971,10 @@ class Ring(object):
             self.append(*record)
 
 
+
 class History(object):
-    """The last --history seconds of samples per domain, stored compactly.
+    """The last --history seconds of samples per domain, stored compactly, in each
+    domain's record (its ring).
 
     A domain's record is (time, layout, values): layout is a tuple of the
     numeric keys the JSON API shows plus the device names, shared between
@@ -1061,11 +1984,11 @@ class History(object):
     megabytes, not the hundreds a dict per record would.
     """
 
-    def __init__(self, table, seconds, interval=1.0):
-        self.table = table
+    def __init__(self, registry, store, seconds, interval=1.0):
+        self.registry = registry
+        self.store = store
         self.seconds = seconds
         self.slots = int(seconds / interval) + 2    # a ring grows if live requests add samples
-        self.records = {}       # uuid -> Ring
         self.layouts = {}       # interning: equal layouts share one tuple
         self.plans = {}         # a stats dict's keys -> (numeric keys shown, name keys)
         self.templates = {}     # layout -> JsonTemplate
@@ -1075,15 +1998,18 @@ class History(object):
         horizon = sample.time - self.seconds
         rows = [(uuid, self.compact(stats)) for uuid, _name, stats in sample.domains]
         with self.lock:
-            for uuid, ring in list(self.records.items()):
-                ring.expire(horizon)
-                if not ring.count:
-                    del self.records[uuid]
+            for record in list(self.store.records.values()):
+                if record.ring is not None:
+                    record.ring.expire(horizon)
+                    if not record.ring.count:
+                        record.ring = None
             for uuid, (layout, values) in rows:
-                ring = self.records.get(uuid)
-                if ring is None:
-                    ring = self.records[uuid] = Ring(self.slots, len(values))
-                ring.append(sample.time, layout, values)
+                record = self.store.get(uuid)
+                if record is None:
+                    continue        # forgotten meanwhile
+                if record.ring is None:
+                    record.ring = Ring(self.slots, len(values))
+                record.ring.append(sample.time, layout, values)
 
     def compact(self, stats):
         """(layout, values) for a stats dict: what a history record holds."""
@@ -1101,618 +2027,54 @@ class History(object):
     def _plan(self, stats):
         if len(self.layouts) > 20000:   # bounded however domains come and go
             self.layouts.clear()
-        shown = self.table.json_key
+        shown = self.registry.json_key
         keys = tuple(k for k, v in stats.items() if type(v) in NUMBER_TYPES and shown(k))
         names = tuple(k for k, v in stats.items() if type(v) is str and k.endswith(".name"))
         return keys, names
 
     def render(self, when, layout, values):
         """A record as the JSON text of one sample."""
-        template = cached(self.templates, layout, lambda: JsonTemplate(self.table, layout))
+        template = cached(self.templates, layout, lambda: JsonTemplate(self.registry, layout))
         return template.render(when, values)
 
     def get(self, uuid=None):
         """{uuid: [(time, layout, values), ...]}, oldest first."""
         with self.lock:
             if uuid is None:
-                return dict((u, ring.records()) for u, ring in self.records.items())
-            ring = self.records.get(uuid)
-            return {uuid: ring.records()} if ring else {}
-
-
-class JobWatch(object):
-    """The domains' running jobs (migration, save, dump, snapshot): jobStats() of
-    each domain that has one, every fast round, and how each job ended.
-
-    libvirt tells of no job's start, so the signs of one are used: a
-    migration's iteration event (its first comes as it starts; a save is a
-    migration to a file) and a pause for a migration, save, dump or snapshot
-    (the fast tier sees the state every round).  A domain is read while
-    jobStats() says a job runs: no call at all while no domain has a job.
-    (A full read that comes back partial is no sign: a hung guest does that,
-    and jobStats() would wait on it too.)  Runs on the sampler's thread; hints
-    come from the event loop's.
-    """
-
-    def __init__(self, call):
-        self.call = call                    # Sampler.bounded
-        self.running = {}                   # uuid -> (name, jobStats() of its job, first seen)
-        self.hints = set()                  # uuids an event says may have a job
-        self.idle_pauses = {}               # uuid -> the pause reason jobStats() found no job in
-        self.ending = {}                    # uuid -> [(name, operation, result, seen, ended)]
-        self.calls = {"jobStats": 0, "diskErrors": 0}
-        self.on_end = None                  # (name, uuid, operation, result)
-        self.completed_since = None         # (uuid, Unix time): a JobCompleted event came since?
-
-    def read(self, domains, handles):
-        """Adds the job.* keys of the domains with a job to their records in
-        domains; returns the calls' duration."""
-        hints, self.hints = self.hints, set()
-        spent = 0.0
-        for i, (uuid, name, stats) in enumerate(domains):
-            paused = self.paused_for_job(uuid, stats)
-            if not (uuid in self.running or uuid in hints or paused):
-                continue
-            clock = time.monotonic()
-            job = self.stats(handles[uuid].jobStats)
-            spent += time.monotonic() - clock
-            if job is None:             # no answer: ask again next round, decide nothing
-                self.hints.add(uuid)
-            elif job.get("type") in JOB_RUNNING:
-                seen = self.running.get(uuid, (None, None, time.time()))[2]
-                self.running[uuid] = (name, job, seen)
-                domains[i] = (uuid, name, dict(stats, **job_keys(job)))
-            else:
-                if paused:
-                    self.idle_pauses[uuid] = stats.get("state.reason")   # ask once
-                if uuid in self.running:
-                    self.ended(uuid, handles[uuid], *self.running.pop(uuid))
-        self.settle()
-        return spent
-
-    def paused_for_job(self, uuid, stats):
-        """True for a domain paused by a job's kind of pause that was not found idle."""
-        paused = is_paused(stats, JOB_PAUSE_REASONS)
-        if not paused or self.idle_pauses.get(uuid) not in (None, stats.get("state.reason")):
-            self.idle_pauses.pop(uuid, None)
-        return paused and uuid not in self.idle_pauses
-
-    def ended(self, uuid, dom, name, running, seen):
-        """A job seen running has gone: how it ended is decided once its
-        JobCompleted event had time to come (settle)."""
-        last = self.stats(dom.jobStats, libvirt_constant("VIR_DOMAIN_JOB_STATS_COMPLETED")) or {}
-        operation = running.get("operation")
-        result = JOB_RESULTS.get(last.get("type")) if last.get("operation") == operation else None
-        self.end(uuid, name, operation, result, seen)
-
-    def end(self, uuid, name, operation, result, seen):
-        self.ending.setdefault(uuid, []).append((name, enum_name(JOB_OPERATIONS, operation),
-                                                 result, seen, time.monotonic()))
-
-    def settle(self):
-        """Counts the jobs that ended JOB_EVENT_WAIT ago, unless a JobCompleted event
-        counted them: as libvirt's record of them says, and a migration with no
-        record as failed (libvirt 9.0 keeps none of a cancelled one).  A job of
-        which libvirt says nothing at all (a dump) is not counted."""
-        now = time.monotonic()
-        for uuid in list(self.ending):
-            waiting = []
-            for name, operation, result, seen, ended in self.ending[uuid]:
-                if now - ended < JOB_EVENT_WAIT:
-                    waiting.append((name, operation, result, seen, ended))
-                    continue
-                if self.completed_since is not None and self.completed_since(uuid, seen):
-                    continue
-                if result is None and operation.startswith("migration"):
-                    result = "failed"
-                if result is not None and self.on_end is not None:
-                    self.on_end(name, uuid, operation, result)
-            if waiting:
-                self.ending[uuid] = waiting
-            else:
-                del self.ending[uuid]
-
-    def stats(self, call, *args):
-        """A job-statistics call (jobStats, diskErrors): its reply, or None when the
-        domain went, libvirt refused or did not answer (logged at debug: a domain
-        may go any time)."""
-        self.calls[call.__name__] += 1
-        try:
-            reply = self.call(call, *args)
-        except (libvirt.libvirtError, Stuck) as exc:
-            log.debug("%s: %s", call.__name__, exc)
-            return None
-        return reply if isinstance(reply, dict) else None
-
-    def disk_errors(self, dom, stats):
-        """block.N.error.<error> = 1 for each disk diskErrors() reports an error on,
-        read only for a domain paused by an I/O error (at its full reads)."""
-        found = {}
-        targets = dict((stats.get("block.%d.name" % i), i)
-                       for i in range(int(stats.get("block.count", 0))))
-        for device, code in (self.stats(dom.diskErrors) or {}).items():
-            if code and device in targets:
-                error = DISK_ERRORS[code] if 0 < code < len(DISK_ERRORS) else str(code)
-                found["block.%d.error.%s" % (targets[device], error)] = 1
-        return found
-
-    def keep_only(self, present):
-        """Forgets the domains libvirt no longer has; a job of one that went is
-        ended (an outgoing migration's JobCompleted event says it completed)."""
-        for uuid in [u for u in self.running if u not in present]:
-            name, running, seen = self.running.pop(uuid)
-            self.end(uuid, name, running.get("operation"), None, seen)
-        for uuid in [u for u in self.idle_pauses if u not in present]:
-            del self.idle_pauses[uuid]
-
-
-class Sampler(object):
-    """Takes the samples, in two tiers, on one thread.
-
-    The fast tier, every --interval: libvirt's state group (no QEMU work) plus
-    the host kernel's CPU, vCPU, RSS and tap counters of each running QEMU
-    domain (KernelTier); a domain the kernel cannot answer for is read through
-    libvirt's groups of those values instead.  The full tier, every
-    --full-interval, after a domain's lifecycle event (that domain alone) and
-    for live requests: one bulk call with every group.  Values a tier does not
-    read are carried from the domain's newest full record.
-
-    Pacing rule, per tier: a sample starts --interval after the previous one
-    started, a full one --full-interval after the previous full one, and never
-    sooner than the previous call of the same tier took after it ended, so the
-    agent keeps libvirtd busy at most half of the time however slow libvirt
-    gets.  A live request can end the wait early, never that rest.  While
-    libvirt is unreachable it retries after 1, 2, 4 ... 30 seconds.
-    """
-
-    def __init__(self, hypervisor, table, groups, interval=1.0, history_seconds=60,
-                 down_seconds=600, timeout=5.0, full_interval=None, source="auto",
-                 metadata_labels=()):
-        self.hypervisor = hypervisor
-        self.timeout = timeout              # --libvirt-timeout
-        self.stuck = 0                      # abandoned libvirt calls still running
-        self.timeouts_total = 0
-        self.last_answer = time.monotonic() # when a libvirt call last returned
-        self.call_lock = threading.Lock()
-        self.complete = {}                  # uuid -> (last complete stats, when, key count)
-        self.full_records = {}              # uuid -> (the newest full record, when read)
-        self.kernel_values = {}             # uuid -> the kernel's values of the latest sample
-        self.disk_errors = {}               # uuid -> diskErrors()' keys, read while paused by one
-        self.keep_plans = {}                # a stats dict's keys -> the keys worth keeping
-        self.table = table
-        self.groups = groups
-        # The groups holding the fast tier's values, for domains read through libvirt.
-        self.fast_mask = group_mask(FAST_GROUPS) & groups if groups else 0
-        self.state_mask = group_mask(("state",))
-        self.flags = libvirt_constant("VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT")
-        self.interval = interval
-        self.full_interval = max(full_interval or interval, interval)
-        self.kernel = KernelTier(self.full_interval) if source == "auto" else None
-        self.down_seconds = down_seconds
-        self.history = History(table, history_seconds, interval)
-        self.specs = SpecCache(metadata_labels)
-        self.latest = self.latest_full = Sample(0, 0.0, 0.0, [])
-        self.previous = None                # the sample before latest (the overview's rates)
-        self.gone = {}                      # uuid -> (name, vanished at)
-        self.samples_total = 0
-        self.full_samples_total = 0
-        self.busy_seconds = 0.0             # time spent in libvirt's stats calls
-        self.durations = dict.fromkeys(TIERS, 0.0)      # of the latest sample of each tier
-        self.cpu_seconds = dict.fromkeys(TIERS, 0.0)    # the sampler thread's, per tier
-        self.errors_total = 0
-        self.calls_total = 0
-        self.backoff = 0
-        self.sampling = self.sampling_full = False
-        self.live_wanted = self.full_wanted = False
-        self.refresh = set()                # uuids with a lifecycle event since the last round
-        self.last_full_began = None         # monotonic start of the latest full sample
-        self.full_not_before = 0.0          # the full tier's rest
-        # The rolling full tier: each domain's next full read (monotonic time).  With
-        # --full-interval no longer than --interval every sample is a bulk full one.
-        self.due = {}
-        self.rolling = self.full_interval > interval
-        self.full_reads_total = 0           # domains read with every group
-        self.jobs = JobWatch(self.bounded)
-        self.wakeup = threading.Event()
-        self.new_sample = threading.Condition()
-        self.stopping = threading.Event()
-        self.heartbeat = None               # called from the sampling loop
-        self.thread = None
-
-    # -- one sample --------------------------------------------------------
-    def sample(self, full=True):
-        """Take one sample; returns it, or raises libvirtError or Stuck."""
-        conn = self.bounded(self.hypervisor.connection)
-        if self.kernel is not None and conn is not self.kernel.conn:
-            driver = dict(self.hypervisor.info).get("driver")
-            self.kernel.attach(conn, self.bounded(local_qemu, conn, driver))
-        kernel = self.kernel is not None and self.kernel.reason is None
-        groups = self.groups if full else (self.state_mask if kernel else self.fast_mask)
-        records, started, duration = self.stats_call(conn.getAllDomainStats, groups, self.flags)
-        refresh, self.refresh = self.refresh, set()
-        now = time.monotonic()
-        if self.rolling and not full:
-            refresh.update(uuid for uuid, when in self.due.items() if when <= now)
-        fulls = set(dom.UUIDString() for dom, _ in records) if full else set()
-        if refresh and not full:
-            doms = [dom for dom, _ in records if dom.UUIDString() in refresh]
-            if doms:
-                extra, _, spent = self.stats_call(conn.domainListGetStats, doms, self.groups, self.flags)
-                duration += spent
-                records = self.replace(records, extra)
-                fulls.update(dom.UUIDString() for dom, _ in extra)
-        self.schedule([dom.UUIDString() for dom, _ in records if dom.UUIDString() in fulls],
-                      full, now)
-        if kernel:
-            self.kernel.begin([(dom.UUIDString(), dom.ID()) for dom, stats in records
-                          if stats.get("state.state") not in INACTIVE_STATES])
-            # The counters that move every second are the kernel's, read from here
-            # on: the sample is of this moment, not of a full call's start.
-            started = time.time()
-        domains, handles, fallback, from_kernel = [], {}, [], 0
-        through_libvirt = dict.fromkeys(KERNEL_KINDS, 0)
-        for dom, stats in records:
-            uuid = dom.UUIDString()     # local: no call to libvirtd
-            handles[uuid] = dom
-            stats = self.kept(stats)
-            if uuid in fulls:
-                stats = self.fill_in(uuid, stats, started)
-                self.full_records[uuid] = (stats, started)
-                if is_paused(stats, (PAUSED_IOERROR,)):
-                    self.disk_errors[uuid] = self.jobs.disk_errors(dom, stats)
-            else:
-                stats = self.carried(uuid, stats, started)
-            # disk errors are a pause's: shown only while that pause lasts
-            if is_paused(stats, (PAUSED_IOERROR,)):
-                stats = dict(stats, **self.disk_errors.get(uuid, {}))
-            else:
-                self.disk_errors.pop(uuid, None)
-            if kernel and stats.get("state.state") not in INACTIVE_STATES:
-                found, missing = self.kernel.read(uuid, stats, self.specs.peek(uuid))
-                if found:
-                    stats.update(found)
-                    self.kernel_values[uuid] = found
-                for kind in missing:
-                    through_libvirt[kind] += 1
-                if not missing:
-                    from_kernel += 1
-                elif uuid not in fulls:     # a full read has libvirt's values already
-                    fallback.append((len(domains), dom, found, missing))
-            domains.append((uuid, dom.name(), stats))
-        if fallback:
-            duration += self.read_fallback(conn, domains, fallback)
-        duration += self.jobs.read(domains, handles)
-        self.busy_seconds += duration
-        self.hypervisor.answered()
-        sample = Sample(self.latest.seq + 1, started, duration, domains,
-                        self._track_gone(domains, started), full, from_kernel, through_libvirt)
-        self.publish(sample)
-        self.specs.request(handles, sample.seq)
-        return sample
-
-    def schedule(self, read, bulk, now):
-        """The next full read of the domains just read in full, one --full-interval on.
-
-        Domains new to the schedule (all of them at the first sample) are spread
-        over one --full-interval, so that each fast round reads a few of them in
-        one domainListGetStats call: libvirtd and QEMU get an even load, and no
-        bulk call of every domain holds up the fast tier.  A bulk sample (a live
-        request) leaves the others' turns where they are."""
-        self.full_reads_total += len(read)
-        new = [uuid for uuid in read if uuid not in self.due]
-        for i, uuid in enumerate(new):
-            self.due[uuid] = now + self.full_interval * (i + 1) / len(new)
-        if not bulk:
-            for uuid in read:
-                self.due[uuid] = now + self.full_interval
-
-    @staticmethod
-    def replace(records, extra):
-        """records with the domains of extra replaced by extra's records of them."""
-        fresh = dict((dom.UUIDString(), (dom, stats)) for dom, stats in extra)
-        return [fresh.get(dom.UUIDString(), (dom, stats)) for dom, stats in records]
-
-    def read_fallback(self, conn, domains, fallback):
-        """The fast tier's values the kernel could not give, through libvirt: one call
-        for the domains concerned, with the groups of the kinds they lack (the
-        kernel's own values are kept); returns the call's duration."""
-        kinds = set(kind for _, _, _, missing in fallback for kind in missing)
-        mask = self.state_mask | group_mask(g for kind, g in FAST_KINDS if kind in kinds)
-        records, _, spent = self.stats_call(conn.domainListGetStats,
-                                            [dom for _, dom, _, _ in fallback],
-                                            mask & self.fast_mask, self.flags)
-        where = dict((dom.UUIDString(), (i, found)) for i, dom, found, _ in fallback)
-        for dom, stats in records:
-            i, found = where.get(dom.UUIDString(), (None, None))
-            if i is not None:
-                domains[i][2].update((k, v) for k, v in self.kept(stats).items()
-                                     if k not in found)
-        return spent
-
-    def carried(self, uuid, stats, now):
-        """A fast record: the fast tier's values over the domain's newest full record,
-        whose age its stats_age tells.
-
-        A domain that has none yet, or whose state changed since, gets a full
-        read next round; a stopped one carries nothing meanwhile (it has no
-        counters)."""
-        base, read_at = self.full_records.get(uuid, (None, 0))
-        if base is None or base.get("state.state") != stats.get("state.state"):
-            self.refresh.add(uuid)
-            if base is None or stats.get("state.state") in INACTIVE_STATES:
-                self.kernel_values.pop(uuid, None)
-                stats["vadvisor.stale"] = 0
-                stats["vadvisor.stats_age"] = 0
-                return stats
-        merged = dict(base)
-        # A value the kernel gave last time, but not this time (a vCPU thread or a
-        # tap that went), stays that newer value rather than the full record's.
-        merged.update(self.kernel_values.get(uuid, ()))
-        merged.update(stats)
-        merged["vadvisor.stats_age"] = base["vadvisor.stats_age"] + max(0.0, now - read_at)
-        return merged
-
-    def stats_call(self, call, *args):
-        """A libvirt stats call, tried again at once when it outlives --libvirt-timeout.
-
-        A call stuck on a hung guest holds that guest's job; the second call's
-        NOWAIT flag makes libvirt skip that guest and answer for the others.
-        Returns (records, wall-clock start, duration) of the call that answered:
-        the values are from its moment, and an abandoned call waits on a guest's
-        monitor, not on libvirtd's CPU, so the pacing rule does not count it.
-        """
-        for attempt in (1, 2):
-            self.calls_total += 1
-            started, clock = time.time(), time.monotonic()
-            try:
-                records = self.bounded(call, *args)
-                return records, started, time.monotonic() - clock
-            except Stuck:
-                if attempt == 2:
-                    raise
-
-    def bounded(self, call, *args):
-        """A libvirt call in a worker thread, waited for at most --libvirt-timeout.
-
-        A call that takes longer is left to finish on its own (libvirt calls
-        cannot be cancelled) and counted; with MAX_STUCK of them still running
-        no new call is started, so stuck calls never pile up.
-        """
-        if self.stuck >= MAX_STUCK:
-            raise Stuck("%d libvirt calls have not returned" % self.stuck)
-        box = {}
-        done = threading.Event()
-
-        def work():
-            try:
-                box["result"] = call(*args)
-            except BaseException as exc:
-                box["error"] = exc
-            with self.call_lock:
-                self.last_answer = time.monotonic()
-                if box.get("abandoned"):
-                    self.stuck -= 1
-                done.set()
-        threading.Thread(target=work, name="libvirt-call", daemon=True).start()
-        if not self.beating_wait(done, self.timeout):
-            with self.call_lock:
-                if not done.is_set():
-                    box["abandoned"] = True
-                    self.stuck += 1
-                    self.timeouts_total += 1
-                    raise Stuck("a libvirt call took longer than %g s" % self.timeout)
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
-
-    def responsive(self):
-        """False while libvirt answers nothing at all (for the watchdog)."""
-        return self.stuck == 0 or time.monotonic() - self.last_answer < 2 * self.timeout
-
-    def kept(self, stats):
-        """The stats the agent uses: keys the metric table maps, device names and
-        counts.  The vcpu group alone brings some 37 KVM statistics per vCPU
-        that only --collect vm exports; not keeping them halves a sample."""
-        targets = self.table.targets
-        keep = cached(self.keep_plans, tuple(stats), lambda: tuple(
-            k for k in stats if targets(k) or k.endswith((".name", ".count"))))
-        return dict((k, stats[k]) for k in keep)
-
-    def fill_in(self, uuid, stats, now):
-        """A guest's stats, with what libvirt could not read now carried over.
-
-        NOWAIT answers for a guest whose job is held (a hung guest, a long
-        job) with its state, CPU time and device names but no counters.  Such
-        a record has the same state and devices as the last complete one but
-        fewer keys; its missing values are carried over and the record is
-        marked stale, so the guest's disks do not vanish from graphs.
-        """
-        last = self.complete.get(uuid)     # (stats, when, how many keys libvirt gave)
-        if last is not None and len(stats) < last[2] and is_partial(last[0], stats):
-            merged = dict(last[0])
-            merged.update(stats)
-            merged["vadvisor.stale"] = 1
-            merged["vadvisor.stats_age"] = now - last[1]
-            return merged
-        self.complete[uuid] = (stats, now, len(stats))
-        stats["vadvisor.stale"] = 0
-        stats["vadvisor.stats_age"] = 0
-        return stats
-
-    def _track_gone(self, domains, now):
-        """Remember vanished domains for --down-minutes (vm_up stays 0).
-
-        Also forgets what is kept per domain for domains libvirt no longer has."""
-        present = set(uuid for uuid, _, _ in domains)
-        self.jobs.keep_only(present)
-        for kept in (self.complete, self.full_records, self.due, self.kernel_values,
-                     self.disk_errors):
-            for uuid in [u for u in kept if u not in present]:
-                del kept[uuid]
-        if self.kernel is not None:
-            self.kernel.keep_only(set(uuid for uuid, _, stats in domains
-                                      if stats.get("state.state") not in INACTIVE_STATES))
-        for uuid, name, _ in self.latest.domains:
-            if uuid not in present:
-                self.gone[uuid] = (name, now)
-        for uuid in list(self.gone):
-            if uuid in present or now - self.gone[uuid][1] > self.down_seconds:
-                del self.gone[uuid]
-        return sorted((uuid, name) for uuid, (name, _) in self.gone.items())
-
-    def publish(self, sample):
-        self.history.add(sample)
-        with self.new_sample:
-            # the overview's rates span at least half an --interval: a live
-            # request's sample right after a fast one does not make a new base
-            if self.previous is None or sample.time - self.latest.time >= self.interval / 2:
-                self.previous = self.latest
-                self.previous.cache = {}    # its rendered bodies are no longer served
-            self.latest = sample
-            self.samples_total += 1
-            self.durations[TIERS[sample.full]] = sample.duration
-            if sample.full:
-                self.latest_full = sample
-                self.full_samples_total += 1
-            self.new_sample.notify_all()
-
-    def fresh_sample(self, timeout, started_after=False):
-        """A full sample that completes after this call: concurrent callers share one.
-
-        With started_after, one that also started after it (a sample already
-        under way may predate what the caller looks for, a new domain).
-        Returns None when libvirt is unreachable or no sample came in time.
-        """
-        # up is None while the first connection is being opened: a request
-        # that comes in at start-up waits for it rather than failing.
-        if self.hypervisor.up is False:
-            return None
-        with self.new_sample:
-            under_way = self.sampling and self.sampling_full and not started_after
-            wanted = self.latest.seq + (2 if self.sampling and not under_way else 1)
-            if not under_way:
-                self.live_wanted = True
-                self.wakeup.set()
-            self.new_sample.wait_for(
-                lambda: self.latest_full.seq >= wanted or self.hypervisor.up is False, timeout)
-            if self.latest_full.seq >= wanted:
-                return self.latest_full
-        return None
-
-    # -- the loop ------------------------------------------------------------
-    def start(self):
-        self.thread = threading.Thread(target=self.run, name="sampler", daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.stopping.set()
-        self.wakeup.set()
-
-    def run(self):
-        while not self.stopping.is_set():
-            began = time.monotonic()
-            rest = self.round(self.full_due(began))
-            ended = time.monotonic()
-            next_at = max(began + self.interval, ended + rest)
-            if self.full_scheduled(next_at):
-                next_at = max(next_at, self.full_not_before)
-            if self.pause(next_at - time.monotonic()):
-                # Woken by a live request, which wants a full sample: keep the
-                # rests, and gather the burst it may belong to so that the
-                # burst shares one call.
-                wait = max(ended + rest, self.full_not_before) - time.monotonic()
-                self.beating_wait(self.stopping, max(wait, LIVE_GATHER_SECONDS))
-            self.wakeup.clear()
-
-    def full_scheduled(self, when):
-        """True when a bulk full sample is due at monotonic time when: the first one,
-        and every one when --full-interval is no longer than --interval (half an
-        --interval early: samples start on --interval's beat).  Otherwise the full
-        tier rolls through the domains in the fast rounds (schedule)."""
-        return (self.last_full_began is None
-                or (not self.rolling
-                    and when - self.last_full_began >= self.full_interval - self.interval / 2))
-
-    def full_due(self, now):
-        wanted = self.live_wanted or self.full_wanted or self.full_scheduled(now)
-        return wanted and now >= self.full_not_before
-
-    def pause(self, seconds):
-        """Waits until a live request (True) or the end of the pause (False)."""
-        return self.beating_wait(self.wakeup, seconds)
-
-    def beating_wait(self, event, seconds):
-        """event.wait(seconds), beating the heartbeat every 0.2 s meanwhile (it
-        decides what to send) while libvirt is responsive.
-
-        The beat goes on through pauses, while libvirt is down and while a call
-        waits on a hung guest; it stops only once libvirt has answered nothing
-        for twice --libvirt-timeout, which is what the systemd watchdog is for.
-        """
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.heartbeat is not None and self.responsive():
-                self.heartbeat()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return event.is_set()
-            if event.wait(min(left, 0.2)):
-                return True
-
-    def round(self, full):
-        """One sample; returns the minimum rest before the next fast one (the
-        pacing rule; a full sample's own rest is kept in full_not_before)."""
-        began = time.monotonic()
-        with self.new_sample:
-            self.sampling, self.sampling_full = True, full
-            if full:
-                self.live_wanted = self.full_wanted = False
-        cpu = thread_cpu()
-        try:
-            sample = self.sample(full)
-            self.cpu_seconds[TIERS[full]] += thread_cpu() - cpu
-            self.backoff = 0
-            if not full:
-                return REST_FACTOR * sample.duration
-            self.last_full_began = began
-            self.full_not_before = time.monotonic() + REST_FACTOR * sample.duration
-            return 0.0
-        except (libvirt.libvirtError, Stuck) as exc:
-            self.errors_total += 1
-            if isinstance(exc, Stuck):
-                # libvirt does not answer: keep the connection (closing it would
-                # hang too) and let keep-alive or a late answer settle it.
-                self.hypervisor.not_answering(str(exc))
-            else:
-                self.hypervisor.drop(str(exc))      # reopened on the next try
-            self.full_wanted = True     # what was carried may be out of date
-            self.backoff = min(30, max(1, self.backoff * 2))
-            return self.backoff
-        except Exception as exc:  # never let the sampler thread die
-            log.warning("sample failed: %s", exc)
-            return max(self.interval, 1)
-        finally:
-            with self.new_sample:
-                self.sampling = False
-                self.new_sample.notify_all()    # a failed round ends live waits too
+                return dict((r.uuid, r.ring.records()) for r in list(self.store.records.values())
+                            if r.ring is not None)
+            record = self.store.get(uuid)
+            return {uuid: record.ring.records()} if record is not None and record.ring else {}
 
 
 # =============================================================================
-# The metric table: the single source of every exported value
+# The family registry: every family the agent exports, declared once
 # =============================================================================
 #
-# Each row: libvirt field pattern, Prometheus name, type, scale from libvirt's
-# unit to the base unit, labels beyond uuid and name, JSON place (with the
-# scale from libvirt's unit to the JSON unit), help text.
+# A family is declared by its source, and every format derives from that one
+# declaration: /metrics and --once (one renderer), StatsD, the JSON API and its
+# history, the overview.  Sources:
+#   Row       a libvirt key of the sampled records (every tier gives libvirt's
+#             keys): /metrics, StatsD, and the JSON API where it has a place;
+#   Info      a domain's XML, as the spec reader read it: labels, value 1;
+#   Recorded  a value the domain's record keeps (when its state last changed);
+#   Tally     a count of the domain's events;
+#   LastJob   a field of the domain's latest JobCompleted event;
+#   Own       the agent's own statistics.
+# Per-domain families are shown for the domains of the latest sample; those
+# marked departed also for the domains that left within --down-minutes.
 #
-# Patterns: <cpu>, <interface>, <device>, <iothread>, <monitor> and <node>
-# stand for an index and become a label (interface, device and monitor take
-# the device's name, see NAMED_DEVICES); <stat> stands for a statistic's own name and is carried
-# into the Prometheus name, so one row maps a whole opt-in group.
-# JSON places: "a.b" is a key in the sample; "list[].key" is a key of one
-# device's entry in a list.  Units in JSON follow the original vAdvisor:
-# CPU times in ms, memory in KiB, disk times in ns, everything else as libvirt;
-# a tuple of names instead of a JSON scale turns a code into its name.
+# A Row: libvirt field pattern, Prometheus name, type, scale from libvirt's unit
+# to the base unit, labels beyond uuid and name, JSON place (with the scale from
+# libvirt's unit to the JSON unit), help text.  Patterns: <cpu>, <interface>,
+# <device>, <iothread>, <monitor> and <node> stand for an index and become a
+# label (interface, device and monitor take the device's name, see
+# NAMED_DEVICES); <stat> stands for a statistic's own name and is carried into
+# the Prometheus name, so one row maps a whole opt-in group.  JSON places: "a.b"
+# is a key in the sample; "list[].key" is a key of one device's entry in a list.
+# Units in JSON follow the original vAdvisor: CPU times in ms, memory in KiB,
+# disk times in ns, everything else as libvirt; a tuple of names instead of a
+# JSON scale turns a code into its name.
 
 COUNTER, GAUGE = "counter", "gauge"
 NS = 1e-9           # nanoseconds -> seconds
@@ -1721,15 +2083,24 @@ MIB = 1048576       # MiB -> bytes
 MS = 1e-6           # nanoseconds -> milliseconds (JSON)
 
 
+def up_value(state):
+    """vm_up of a libvirt state: 1 while running, else 0 (paused too)."""
+    return 1 if state == 1 else 0
+
+
 class Row(object):
+    """A sampled family: value (a function of libvirt's value, instead of the
+    scale) and departed (the value a vanished domain keeps showing) are vm_up's."""
+
     __slots__ = ("field", "name", "type", "scale", "labels", "json", "json_scale",
-                 "help", "requires", "regex")
+                 "help", "requires", "regex", "value", "departed")
 
     def __init__(self, field, name, mtype, scale, labels, json_place, help_text,
-                 json_scale=1, requires=None):
+                 json_scale=1, requires=None, value=None, departed=None):
         self.field, self.name, self.type, self.scale = field, name, mtype, scale
         self.labels, self.json, self.json_scale = labels, json_place, json_scale
         self.help, self.requires = help_text, requires
+        self.value, self.departed = value, departed
         self.regex = compile_field(field)
 
 
@@ -1750,16 +2121,16 @@ def compile_field(field):
     return re.compile("^" + "".join(parts) + "$")
 
 
-METRICS = (
+ROWS = (
     # -- domain state -------------------------------------------------------
     Row("state.state", "vm_up", GAUGE, 1, (), None,
-        "1 when the domain is running, else 0; stays 0 for --down-minutes after the domain vanishes."),
+        "1 when the domain is running, else 0; stays 0 for --down-minutes after the domain vanishes.",
+        value=up_value, departed=0),
     Row("state.state", "vm_state", GAUGE, 1, (), "state",
-        "libvirt domain state: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended.",
-        DOMAIN_STATES),
+        "libvirt domain state: %s." % codes(DOMAIN_STATES), DOMAIN_STATES),
     Row("state.reason", "vm_state_reason", GAUGE, 1, (), "state_reason",
         "libvirt's reason code for the current domain state."),
-    # Set by the sampler, not libvirt: see Sampler.fill_in.
+    # Set by the sampler, not libvirt: see merge.
     Row("vadvisor.stale", "vm_stats_stale", GAUGE, 1, (), "stale",
         "1 while libvirt cannot read the domain's statistics (a hung guest) and the last ones are shown."),
     Row("vadvisor.stats_age", "vm_stats_age_seconds", GAUGE, 1, (), "stats_age",
@@ -1780,7 +2151,7 @@ METRICS = (
     Row("vcpu.maximum", "vm_vcpus_maximum", GAUGE, 1, (), "cpu.vcpus_maximum",
         "Maximum number of vCPUs."),
     Row("vcpu.<cpu>.state", "vm_vcpu_state", GAUGE, 1, ("cpu",), "cpu.per_cpu_usage[].state",
-        "vCPU state: 0 offline, 1 running, 2 blocked.", VCPU_STATES),
+        "vCPU state: %s." % codes(VCPU_STATES), VCPU_STATES),
     Row("vcpu.<cpu>.time", "vm_vcpu_seconds_total", COUNTER, NS, ("cpu",),
         "cpu.per_cpu_usage[].vcpu_time", "Time the vCPU ran, in seconds.", MS),
     Row("vcpu.<cpu>.wait", "vm_vcpu_wait_seconds_total", COUNTER, NS, ("cpu",),
@@ -1862,14 +2233,14 @@ METRICS = (
         "diskio[].physical", "Size of the disk image on the host, in bytes."),
     # Set by the sampler from diskErrors(), for a domain paused by an I/O error.
     Row("block.<device>.error.<error>", "vm_disk_error", GAUGE, 1, ("device", "error"), None,
-        "1 for each disk libvirt reports an error on (error: unspec, no_space) while the "
-        "domain is paused by an I/O error."),
+        "1 for each disk libvirt reports an error on (error: %s) while the domain is paused "
+        "by an I/O error." % ", ".join(DISK_ERRORS[1:])),
     # -- the running job (jobStats(), while the domain has one) ------------------
     Row("job.type", "vm_job_type", GAUGE, 1, (), None,
-        "The domain's running job: 1 bounded (its end is known), 2 unbounded."),
+        "The domain's running job: %s (bounded: its end is known)."
+        % ", ".join("%d %s" % (t, JOB_TYPES[t]) for t in JOB_RUNNING)),
     Row("job.operation", "vm_job_operation", GAUGE, 1, (), None,
-        "What the running job does: 1 start, 2 save, 3 restore, 4 incoming migration, "
-        "5 outgoing migration, 6 snapshot, 7 snapshot revert, 8 dump, 9 backup, 10 snapshot delete."),
+        "What the running job does: %s." % codes(JOB_OPERATIONS, 1)),
     Row("job.time_elapsed", "vm_job_elapsed_seconds", GAUGE, 1e-3, (), None,
         "Time since the running job started."),
     Row("job.time_elapsed_net", "vm_job_elapsed_net_seconds", GAUGE, 1e-3, (), None,
@@ -1894,7 +2265,7 @@ METRICS = (
         "Guest memory the running job has moved, in bytes (pages sent again count again)."),
     Row("job.memory_remaining", "vm_job_memory_remaining_bytes", GAUGE, 1, (), None,
         "Guest memory the running job has still to move, in bytes."),
-    # memory_dirty_rate is in pages: the sampler multiplies it by memory_page_size.
+    # memory_dirty_rate is in pages: job_keys multiplies it by memory_page_size.
     Row("job.memory_dirty_rate_bytes", "vm_job_memory_dirty_rate_bytes_per_second", GAUGE, 1, (),
         None, "Guest memory dirtied per second during the running migration, in bytes."),
     Row("job.memory_iteration", "vm_job_memory_iteration", GAUGE, 1, (), None,
@@ -1940,6 +2311,229 @@ METRICS = (
         "KVM statistic <stat> of the vCPU, its peak (libvirt vcpu.N.<stat>.max).", requires="vm"),
 )
 
+class Info(object):
+    """A family of a domain's XML (value 1): its labels' values are what domain_info
+    found for it (vm_metadata_info's labels are --metadata-label's)."""
+
+    type = GAUGE
+    departed = False
+
+    def __init__(self, name, help_text, labels):
+        self.name, self.help, self.labels = name, help_text, labels
+
+    def of_record(self, record, registry):
+        """[(labels, value)] of one domain's record."""
+        labels = registry.info_labels(self)
+        return [(tuple(zip(labels, values)), 1) for values in (record.info or {}).get(self.name, ())]
+
+
+INFO = (
+    Info("vm_info", "The domain's type, OS type, architecture, machine and title (value 1).",
+         ("type", "os_type", "arch", "machine", "title")),
+    Info("vm_openstack_info", "The OpenStack instance a domain is, from nova's metadata (value 1).",
+         ("instance_name", "project_id", "project_name", "user_id", "user_name", "flavor",
+          "root_type", "root_id")),
+    Info("vm_metadata_info", "Values picked from the domain's metadata by --metadata-label "
+         "(value 1).", None),
+    Info("vm_disk_info", "A disk of the domain: its source, bus, format and cache (value 1).",
+         ("device", "type", "source", "bus", "driver_type", "cache", "serial", "readonly")),
+    Info("vm_network_info", "A NIC of the domain: its MAC, type, source and model (value 1).",
+         ("interface", "mac", "type", "source", "model", "mtu", "interfaceid")),
+)
+
+
+INFO_FAMILY = dict((family.name, family) for family in INFO)
+
+
+class Recorded(object):
+    """A value the domain's record keeps (an attribute; absent while None)."""
+
+    type = GAUGE
+    labels = ()
+    departed = False
+
+    def __init__(self, name, help_text, attribute):
+        self.name, self.help, self.attribute = name, help_text, attribute
+
+    def of_record(self, record, registry):
+        value = getattr(record, self.attribute)
+        return [((), value)] if value is not None else []
+
+
+RECORDED = (
+    Recorded("vm_state_changed_timestamp_seconds",
+             "When the domain's latest lifecycle event arrived, Unix time.", "changed_at"),
+)
+
+
+def detail(*names, **default):
+    """A label's value from an event's details: the first of names it has."""
+    def pick(details):
+        for name in names:
+            if name in details:
+                return str(details[name])
+        return default.get("default", "")
+    return pick
+
+
+class Tally(object):
+    """A count of the domain's events of one type (every type: None), labelled by
+    their details (labels: (label, pick from the details)).  One without labels is
+    0 for every domain until its first such event, so that increase() sees it."""
+
+    type = COUNTER
+
+    def __init__(self, name, help_text, event_type, labels=(), departed=False):
+        self.name, self.help, self.event_type = name, help_text, event_type
+        self.labels = tuple(label for label, _ in labels)
+        self.picks = tuple(pick for _, pick in labels)
+        self.departed = departed
+
+    def key(self, details):
+        """(family, ((label, value), ...)) an event with these details adds one to."""
+        return self.name, tuple(zip(self.labels, (pick(details) for pick in self.picks)))
+
+    def of_record(self, record, registry):
+        found = sorted((labels, n) for (name, labels), n in record.tallies.items()
+                       if name == self.name)
+        return found or ([((), 0)] if not self.labels else [])
+
+
+TALLIES = (
+    Tally("vm_events_total", "Domain events received, by type.", None,
+          (("event_type", detail("event_type")),)),
+    # device: the disk's target (as the disk families name it) where the event's alias
+    # could be resolved (see disk_target)
+    Tally("vm_io_errors_total", "Disk I/O errors reported by the domain, by device and action.",
+          "IOError", (("device", detail("target", "device")), ("action", detail("action")))),
+    Tally("vm_reboots_total", "Guest reboots (the REBOOT event).", "Reboot"),
+    Tally("vm_watchdog_events_total", "Guest watchdog expiries, by the action taken.", "Watchdog",
+          (("action", detail("action")),)),
+    Tally("vm_block_threshold_exceeded_total", "Disks that wrote past their write threshold.",
+          "BlockThreshold", (("device", detail("device")),)),
+    Tally("vm_control_errors_total", "Times the domain's QEMU monitor failed (CONTROL_ERROR).",
+          "ControlError"),
+    Tally("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
+          "MemoryFailure", (("action", detail("action")),)),
+    # A domain that migrated away keeps its migration's figures: its JobCompleted
+    # event comes as it goes.
+    Tally("vm_jobs_completed_total", "Jobs that ended, by operation and result (completed: a "
+          "JobCompleted event, or libvirt's record of a job seen ending without one; failed: "
+          "also a migration with no record).", "JobCompleted",
+          (("operation", detail("operation")), ("result", detail("result", default="completed"))),
+          departed=True),
+)
+
+
+class LastJob(object):
+    """A field of the domain's latest JobCompleted event (ms: divided by 1000)."""
+
+    type = GAUGE
+    labels = ()
+    departed = True
+
+    def __init__(self, name, help_text, field, divisor):
+        self.name, self.help, self.field, self.divisor = name, help_text, field, divisor
+
+    def of_record(self, record, registry):
+        value = (record.last_job or {}).get(self.field)
+        return [((), scaled(value, 1, self.divisor))] if type(value) in (int, float) else []
+
+
+LAST_JOBS = (
+    LastJob("vm_last_job_downtime_seconds",
+            "Downtime of the domain's latest completed job (migration, save).", "downtime", 1000),
+    LastJob("vm_last_job_elapsed_seconds", "Time the domain's latest completed job took.",
+            "time_elapsed", 1000),
+    LastJob("vm_last_job_data_bytes", "Bytes the domain's latest completed job moved.",
+            "data_processed", 0),
+)
+
+
+class Own(object):
+    """One of the agent's own families: rows(agent, sample, now) gives its
+    (labels, value) pairs; agent is the HTTP section's Agent, which holds the
+    sampling loop, the sampler, the connection, the hub and StatsD."""
+
+    def __init__(self, name, mtype, help_text, rows):
+        self.name, self.type, self.help, self.rows = name, mtype, help_text, rows
+
+
+def _one(value):
+    return [((), value)]
+
+
+def _by(label, items):
+    return [(((label, key),), value) for key, value in items]
+
+
+OWN = (
+    Own("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
+        lambda a, s, now: [(a.build_labels, 1)]),
+    Own("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
+        lambda a, s, now: _one(1 if a.hypervisor.up else 0)),
+    Own("vadvisor_libvirt_info", GAUGE,
+        "The libvirt daemon's driver, versions and host name, read at connection (value 1).",
+        lambda a, s, now: [(tuple((k, label_value(v)) for k, v in a.hypervisor.info), 1)]
+        if a.hypervisor.info else []),
+    Own("vadvisor_domains", GAUGE, "Domains in the latest sample.",
+        lambda a, s, now: _one(len(s.domains))),
+    Own("vadvisor_collect_duration_seconds", GAUGE,
+        "Duration of the libvirt calls of the latest sample of each tier (%s)." % ", ".join(TIERS),
+        lambda a, s, now: _by("tier", ((t, a.loop.durations[t]) for t in TIERS))),
+    Own("vadvisor_last_sample_timestamp_seconds", GAUGE,
+        "When the latest sample was taken, Unix time (0: none yet).",
+        lambda a, s, now: _one(s.time)),
+    Own("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
+        lambda a, s, now: _one(now - s.time if s.time else -1.0)),
+    Own("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
+        lambda a, s, now: _one(a.loop.samples_total)),
+    Own("vadvisor_sample_cpu_seconds_total", COUNTER,
+        "CPU time the sampler thread spent taking samples, by tier (%s): kernel reads and "
+        "records; libvirt's replies are decoded in its call threads." % ", ".join(TIERS),
+        lambda a, s, now: _by("tier", ((t, a.loop.cpu_seconds[t]) for t in TIERS))),
+    Own("vadvisor_full_samples_total", COUNTER,
+        "Bulk full samples taken: libvirt read every stat group of every domain.",
+        lambda a, s, now: _one(a.loop.full_samples_total)),
+    Own("vadvisor_full_reads_total", COUNTER,
+        "Domains read with every stat group, in bulk full samples and in the fast rounds.",
+        lambda a, s, now: _one(a.sampler.full_reads_total)),
+    Own("vadvisor_kernel_domains", GAUGE,
+        "Running domains whose fast-tier values (CPU, vCPU, RSS, network) the latest "
+        "sample all read from the host kernel.",
+        lambda a, s, now: _one(s.kernel_domains)),
+    Own("vadvisor_collect_seconds_total", COUNTER,
+        "Time spent in libvirt's stats calls: its rate is the share of time libvirt is "
+        "kept busy.", lambda a, s, now: _one(a.sampler.busy_seconds)),
+    Own("vadvisor_libvirt_calls_total", COUNTER,
+        "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
+        lambda a, s, now: _one(a.sampler.calls_total)),
+    Own("vadvisor_libvirt_job_calls_total", COUNTER,
+        "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
+        "(diskErrors): none while no domain has either.",
+        lambda a, s, now: _by("call", sorted(a.sampler.jobs.calls.items()))),
+    Own("vadvisor_sample_errors_total", COUNTER,
+        "Samples that failed: a libvirt error or no answer.",
+        lambda a, s, now: _one(a.loop.errors_total)),
+    Own("vadvisor_libvirt_timeouts_total", COUNTER,
+        "libvirt calls that outlived --libvirt-timeout.",
+        lambda a, s, now: _one(a.call.timeouts_total)),
+    Own("vadvisor_libvirt_stuck_calls", GAUGE,
+        "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
+        lambda a, s, now: _one(a.call.stuck)),
+    Own("vadvisor_events_total", COUNTER, "Domain events received, by type.",
+        lambda a, s, now: _by("event_type", sorted(
+            (a.hub.counts if a.hub else dict.fromkeys(ALL_EVENT_TYPES + ("Unknown",), 0)).items()))),
+    Own("vadvisor_event_streams", GAUGE, "Open event streams.",
+        lambda a, s, now: _one(a.hub.streams() if a.hub else 0)),
+    Own("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
+        lambda a, s, now: _one(a.statsd.packets_total if a.statsd else 0)),
+    Own("vadvisor_statsd_errors_total", COUNTER,
+        "StatsD failures: unresolved host, refused or failed sends, oversized lines.",
+        lambda a, s, now: _one(a.statsd.errors_total if a.statsd else 0)),
+)
+
+
 # Labels whose value is the device's name, found under this key, not its index.
 NAMED_DEVICES = {"interface": "net.%s.name", "device": "block.%s.name",
                  "monitor": "memory.bandwidth.monitor.%s.name"}
@@ -1947,7 +2541,8 @@ METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
 class Family(object):
-    """One Prometheus metric family: name, type, help and its place in the output."""
+    """A sampled family as it is exported: name, type, help and its place in the
+    output (a rule of ROWS makes one per statistic it meets)."""
 
     __slots__ = ("name", "type", "help", "order")
 
@@ -1964,7 +2559,7 @@ class Target(object):
     def __init__(self, row, family, devices, scale):
         self.row, self.family, self.devices = row, family, devices
         self.mul, self.div = split_scale(scale)
-        self.summary = (family, family.name + "{", self.mul, self.div, family.name == "vm_up")
+        self.summary = (family, family.name + "{", self.mul, self.div, row.value)
         self.json = parse_json_place(row.json)
         self.json_enum = row.json_scale if isinstance(row.json_scale, tuple) else None
         self.json_mul, self.json_div = split_scale(1 if self.json_enum else row.json_scale)
@@ -1997,16 +2592,39 @@ def stat_name(stat, scale):
     return stat, scale
 
 
-class MetricTable(object):
-    """Resolves libvirt keys to their rows, once per distinct key."""
+class Registry(object):
+    """The families of one configuration (--collect's groups, --metadata-label's
+    labels), in the order /metrics shows them; libvirt keys resolved to their
+    rows once per distinct key."""
 
-    def __init__(self, rows=METRICS, collect=OPTIONAL_GROUPS):
-        self.rows = [r for r in rows if r.requires is None or r.requires in collect]
+    def __init__(self, collect=OPTIONAL_GROUPS, metadata_labels=()):
+        self.rows = [r for r in ROWS if r.requires is None or r.requires in collect]
+        self.departed_rows = [r for r in self.rows if r.departed is not None]
+        self.metadata_labels = metadata_labels
+        self.context = INFO + RECORDED
+        self.tallies, self.last_jobs, self.own = TALLIES, LAST_JOBS, OWN
         self.families = {}
         self.cache = {}
         for row in self.rows:
             if "<stat>" not in row.name:
                 self._family(row.name, row.type, row.help)
+
+    def info_labels(self, family):
+        """An info family's labels beyond uuid and name."""
+        if family.labels is None:
+            return tuple(label for label, _ in self.metadata_labels)
+        return family.labels
+
+    def event_series(self, event_type, details):
+        """[(family, labels)] of the tallies an event adds one to."""
+        details = dict(details, event_type=event_type)
+        return [t.key(details) for t in self.tallies
+                if t.event_type is None or t.event_type == event_type]
+
+    def job_ended(self, operation, result):
+        """The tally of a job seen ending without a JobCompleted event."""
+        return [t.key({"operation": operation, "result": result}) for t in self.tallies
+                if t.event_type == "JobCompleted"]
 
     def _family(self, name, mtype, help_text):
         family = self.families.get(name)
@@ -2060,86 +2678,6 @@ class MetricTable(object):
         return False
 
 
-# The agent's own families, below the domains' in /metrics.  rows(agent,
-# sample, now) gives a family's (labels, value) pairs; agent is the HTTP
-# section's Agent, which holds the sampler, the hub, the connection and StatsD.
-SelfFamily = collections.namedtuple("SelfFamily", "name type help rows")
-
-
-def _one(value):
-    return [((), value)]
-
-
-def _by(label, items):
-    return [(((label, key),), value) for key, value in items]
-
-
-SELF_FAMILIES = (
-    SelfFamily("vadvisor_build_info", GAUGE, "vadvisor's version, Python's and libvirt's.",
-               lambda a, s, now: [(a.build_labels, 1)]),
-    SelfFamily("vadvisor_libvirt_up", GAUGE, "1 when the agent's libvirt connection is open.",
-               lambda a, s, now: _one(1 if a.hypervisor.up else 0)),
-    SelfFamily("vadvisor_libvirt_info", GAUGE,
-               "The libvirt daemon's driver, versions and host name, read at connection (value 1).",
-               lambda a, s, now: [(tuple((k, label_value(v)) for k, v in a.hypervisor.info), 1)]
-               if a.hypervisor.info else []),
-    SelfFamily("vadvisor_domains", GAUGE, "Domains in the latest sample.",
-               lambda a, s, now: _one(len(s.domains))),
-    SelfFamily("vadvisor_collect_duration_seconds", GAUGE,
-               "Duration of the libvirt calls of the latest sample of each tier (fast, full).",
-               lambda a, s, now: _by("tier", ((t, a.sampler.durations[t]) for t in TIERS))),
-    SelfFamily("vadvisor_last_sample_timestamp_seconds", GAUGE,
-               "When the latest sample was taken, Unix time (0: none yet).",
-               lambda a, s, now: _one(s.time)),
-    SelfFamily("vadvisor_sample_age_seconds", GAUGE, "Age of the latest sample.",
-               lambda a, s, now: _one(now - s.time if s.time else -1.0)),
-    SelfFamily("vadvisor_samples_total", COUNTER, "Samples taken, of both tiers.",
-               lambda a, s, now: _one(a.sampler.samples_total)),
-    SelfFamily("vadvisor_sample_cpu_seconds_total", COUNTER,
-               "CPU time the sampler thread spent taking samples, by tier (fast, full): "
-               "kernel reads and records; libvirt's replies are decoded in its call threads.",
-               lambda a, s, now: _by("tier", ((t, a.sampler.cpu_seconds[t]) for t in TIERS))),
-    SelfFamily("vadvisor_full_samples_total", COUNTER,
-               "Bulk full samples taken: libvirt read every stat group of every domain.",
-               lambda a, s, now: _one(a.sampler.full_samples_total)),
-    SelfFamily("vadvisor_full_reads_total", COUNTER,
-               "Domains read with every stat group, in bulk full samples and in the fast rounds.",
-               lambda a, s, now: _one(a.sampler.full_reads_total)),
-    SelfFamily("vadvisor_kernel_domains", GAUGE,
-               "Running domains whose fast-tier values (CPU, vCPU, RSS, network) the latest "
-               "sample all read from the host kernel.",
-               lambda a, s, now: _one(s.kernel_domains)),
-    SelfFamily("vadvisor_collect_seconds_total", COUNTER,
-               "Time spent in libvirt's stats calls: its rate is the share of time libvirt is "
-               "kept busy.", lambda a, s, now: _one(a.sampler.busy_seconds)),
-    SelfFamily("vadvisor_libvirt_calls_total", COUNTER,
-               "libvirt stats calls made (getAllDomainStats, domainListGetStats).",
-               lambda a, s, now: _one(a.sampler.calls_total)),
-    SelfFamily("vadvisor_libvirt_job_calls_total", COUNTER,
-               "libvirt calls made for domains with a job (jobStats) or paused by an I/O error "
-               "(diskErrors): none while no domain has either.",
-               lambda a, s, now: _by("call", sorted(a.sampler.jobs.calls.items()))),
-    SelfFamily("vadvisor_sample_errors_total", COUNTER,
-               "Samples that failed: a libvirt error or no answer.",
-               lambda a, s, now: _one(a.sampler.errors_total)),
-    SelfFamily("vadvisor_libvirt_timeouts_total", COUNTER,
-               "libvirt calls that outlived --libvirt-timeout.",
-               lambda a, s, now: _one(a.sampler.timeouts_total)),
-    SelfFamily("vadvisor_libvirt_stuck_calls", GAUGE,
-               "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
-               lambda a, s, now: _one(a.sampler.stuck)),
-    SelfFamily("vadvisor_events_total", COUNTER, "Domain events received, by type.",
-               lambda a, s, now: _by("event_type", sorted(a.hub.counts.items()))),
-    SelfFamily("vadvisor_event_streams", GAUGE, "Open event streams.",
-               lambda a, s, now: _one(a.hub.streams())),
-    SelfFamily("vadvisor_statsd_packets_total", COUNTER, "StatsD datagrams sent.",
-               lambda a, s, now: _one(a.statsd.packets_total if a.statsd else 0)),
-    SelfFamily("vadvisor_statsd_errors_total", COUNTER,
-               "StatsD failures: unresolved host, refused or failed sends, oversized lines.",
-               lambda a, s, now: _one(a.statsd.errors_total if a.statsd else 0)),
-)
-
-
 # =============================================================================
 # Formatters: Prometheus text and OpenMetrics, StatsD, JSON, specs and info labels
 # =============================================================================
@@ -2148,32 +2686,141 @@ PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
-def up_value(state):
-    """vm_up of a libvirt state: 1 while running, else 0 (paused too)."""
-    return 1 if state == 1 else 0
+class Exposition(object):
+    """Prometheus text and OpenMetrics of every family of the registry: the one
+    renderer of /metrics and --once.
+
+    domains() is what a sample and the domains' records make (rendered once per
+    sample by /metrics), own() the agent's own families (every scrape).  A
+    series' labels only change when a domain's keys or device names do, so they
+    are kept per domain (DomainPlan, for the domains of the latest sample) and a
+    sample costs a lookup and a number per series."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.plans = {}         # uuid -> DomainPlan
+
+    def render(self, agent, sample, openmetrics=False):
+        """The whole exposition: every domain's families, the agent's own, '# EOF'."""
+        return (self.domains(sample, agent.store, openmetrics)
+                + self.own(agent, sample, time.time(), openmetrics)
+                + ("# EOF\n" if openmetrics else ""))
+
+    def domains(self, sample, store, openmetrics=False):
+        """Every vm_* family of the sample's domains (and the departed ones where a
+        family says so), families contiguous however domains interleave."""
+        buckets = self.sampled(sample)
+        parts = []
+        for family in sorted(buckets, key=lambda f: f.order):
+            parts.append(family_header(family, openmetrics))
+            parts.extend(buckets[family])
+        present = [(uuid, name, store.get(uuid)) for uuid, name, _ in sample.domains]
+        departed = [(uuid, name, store.get(uuid)) for uuid, name in sample.gone]
+        for family in self.registry.context + self.registry.tallies + self.registry.last_jobs:
+            domains = present + departed if family.departed else present
+            if isinstance(family, Info):
+                domains = sorted(domains)       # by uuid
+            lines = self.domain_family(family, [(u, n, r) for u, n, r in domains if r is not None])
+            if lines:
+                parts.append(family_header(family, openmetrics))
+                parts.extend(lines)
+        return "".join(parts)
+
+    def sampled(self, sample):
+        """{family: [line, ...]} of the sampled families of every domain of the sample."""
+        buckets = collections.defaultdict(list)
+        for uuid, name, stats in sample.domains:
+            plan = self.plans.get(uuid)
+            if plan is None or not plan.fits(name, stats):
+                plan = self.plans[uuid] = DomainPlan(self.registry, uuid, name, stats)
+            for labels, key, (family, opening, mul, div, value_of) in zip(
+                    plan.labels, plan.keys, plan.targets):
+                value = stats[key]
+                kind = type(value)
+                if value_of:
+                    text = format_number(value_of(value))
+                elif kind is int and not div and mul == 1:
+                    text = str(value)
+                elif kind in NUMBER_TYPES:
+                    text = format_number(scaled(value, mul, div))
+                else:
+                    continue    # a value that is not a number this time
+                buckets[family].append(opening + labels + text + "\n")
+        for row in self.registry.departed_rows:
+            family = self.registry.families[row.name]
+            for uuid, name in sample.gone:
+                buckets[family].append(series_line(row.name, (("uuid", uuid), ("name", name)),
+                                                   row.departed))
+        if len(self.plans) > len(sample.domains):     # forget domains that left
+            present = set(uuid for uuid, _, _ in sample.domains)
+            for uuid in [u for u in self.plans if u not in present]:
+                del self.plans[uuid]
+        return buckets
+
+    def domain_family(self, family, domains):
+        """The lines of a family of the domains' records: [(uuid, name, DomainRecord)]."""
+        lines, seen = [], set()
+        for uuid, name, record in domains:
+            head = (("uuid", uuid), ("name", name))
+            for labels, value in family.of_record(record, self.registry):
+                line = series_line(family.name, head + labels, value)
+                if line not in seen:        # two devices alike in every label make one series
+                    seen.add(line)
+                    lines.append(line)
+        return lines
+
+    def own(self, agent, sample, now, openmetrics=False):
+        """The agent's own families."""
+        parts = []
+        for family in self.registry.own:
+            parts.append(family_header(family, openmetrics))
+            parts.extend(series_line(family.name, labels, value)
+                         for labels, value in family.rows(agent, sample, now))
+        return "".join(parts)
 
 
-def sample_series(table, sample, wanted=None):
-    """Every exported value of a sample, by the metric table, in base units:
-    (uuid, name, family, ((label, value), ...), number).  Every format uses it;
-    wanted, a set of family names, keeps those alone."""
-    targets = table.targets
-    vm_up = table.families["vm_up"]
-    for uuid, name, stats in sample.domains:
+class DomainPlan(object):
+    """One domain's series labels, valid while its keys and device names stay.
+
+    A domain has a handful of label sets (itself, each vCPU, disk and NIC);
+    each is one string, '{uuid="..",name="..",device=".."} ' less the brace,
+    shared by every family that uses it."""
+
+    __slots__ = ("name", "shape", "name_keys", "names", "labels", "keys", "targets")
+
+    def __init__(self, registry, uuid, name, stats):
+        self.name, self.shape = name, tuple(stats)
+        prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
+        name_keys, self.labels, self.keys, self.targets = set(), [], [], []
+        shared = {}
         for key, value in stats.items():
             if type(value) not in NUMBER_TYPES:
                 continue
-            for t in targets(key):
-                if wanted is not None and t.family.name not in wanted:
-                    continue
-                if t.family is vm_up:
-                    number = up_value(value)
-                else:
-                    number = scaled(value, t.mul, t.div)
-                yield uuid, name, t.family, device_labels(t, stats), number
-    if wanted is None or "vm_up" in wanted:
-        for uuid, name in sample.gone:
-            yield uuid, name, vm_up, (), 0
+            for t in registry.targets(key):
+                name_keys.update(name_key for _, name_key, _ in t.devices if name_key)
+                labels = prefix + "".join(',%s="%s"' % (label, escape_label(device))
+                                          for label, device in device_labels(t, stats)) + "} "
+                self.labels.append(shared.setdefault(labels, labels))
+                self.keys.append(key)
+                self.targets.append(t.summary)      # shared by every domain
+        self.name_keys = tuple(sorted(name_keys))
+        self.names = tuple(stats.get(k) for k in self.name_keys)
+
+    def fits(self, name, stats):
+        return (name == self.name and tuple(stats) == self.shape
+                and tuple(stats.get(k) for k in self.name_keys) == self.names)
+
+
+def family_header(family, openmetrics):
+    name = family.name
+    if openmetrics and family.type == COUNTER and name.endswith("_total"):
+        name = name[:-6]
+    return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(family.help), name, family.type)
+
+
+def series_line(name, labels, value):
+    text = ",".join('%s="%s"' % (k, escape_label(str(v))) for k, v in labels)
+    return "%s%s %s\n" % (name, "{%s}" % text if text else "", format_number(value))
 
 
 def device_labels(target, stats):
@@ -2190,6 +2837,14 @@ def escape_help(text):
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+def scaled(value, mul, div):
+    if div:
+        return value / div
+    if mul != 1:
+        return value * mul
+    return value
+
+
 def format_number(value):
     """A sample value as the exposition formats spell it."""
     if type(value) is float:
@@ -2201,119 +2856,26 @@ def format_number(value):
     return str(int(value))
 
 
-def scaled(value, mul, div):
-    if div:
-        return value / div
-    if mul != 1:
-        return value * mul
-    return value
-
-
-def family_header(family, openmetrics):
-    name = family.name
-    if openmetrics and family.type == COUNTER and name.endswith("_total"):
-        name = name[:-6]
-    return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(family.help), name, family.type)
-
-
-class DomainPlan(object):
-    """One domain's series labels, valid while its keys and device names stay.
-
-    A domain has a handful of label sets (itself, each vCPU, disk and NIC);
-    each is one string, '{uuid="..",name="..",device=".."} ' less the brace,
-    shared by every family that uses it."""
-
-    __slots__ = ("name", "shape", "name_keys", "names", "labels", "keys", "targets")
-
-    def __init__(self, table, uuid, name, stats):
-        self.name, self.shape = name, tuple(stats)
-        prefix = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
-        name_keys, self.labels, self.keys, self.targets = set(), [], [], []
-        shared = {}
+def sample_series(registry, sample, wanted=None):
+    """Every sampled value of a sample, by the registry, in base units:
+    (uuid, name, family, ((label, value), ...), number), the departed domains'
+    included.  StatsD and the overview use it; wanted, a set of family names,
+    keeps those alone."""
+    targets = registry.targets
+    for uuid, name, stats in sample.domains:
         for key, value in stats.items():
             if type(value) not in NUMBER_TYPES:
                 continue
-            for t in table.targets(key):
-                name_keys.update(name_key for _, name_key, _ in t.devices if name_key)
-                labels = prefix + "".join(',%s="%s"' % (label, escape_label(device))
-                                          for label, device in device_labels(t, stats)) + "} "
-                self.labels.append(shared.setdefault(labels, labels))
-                self.keys.append(key)
-                self.targets.append(t.summary)      # shared by every domain
-        self.name_keys = tuple(sorted(name_keys))
-        self.names = tuple(stats.get(k) for k in self.name_keys)
-
-    def fits(self, name, stats):
-        return (name == self.name and tuple(stats) == self.shape
-                and tuple(stats.get(k) for k in self.name_keys) == self.names)
-
-
-class PrometheusFormatter(object):
-    """Renders a sample; families stay contiguous however domains interleave.
-
-    A series' labels only change when a domain's keys or device names do, so
-    they are kept per domain (DomainPlan) and a sample costs a lookup and a
-    number per series.
-    """
-
-    def __init__(self, table):
-        self.table = table
-        self.plans = {}         # uuid -> DomainPlan
-
-    def plan(self, uuid, name, stats):
-        plan = self.plans.get(uuid)
-        if plan is None or not plan.fits(name, stats):
-            plan = self.plans[uuid] = DomainPlan(self.table, uuid, name, stats)
-        return plan
-
-    def series(self, sample):
-        """{family: [line, ...]} for every domain of the sample."""
-        buckets = collections.defaultdict(list)
-        for uuid, name, stats in sample.domains:
-            plan = self.plan(uuid, name, stats)
-            for labels, key, (family, opening, mul, div, up) in zip(plan.labels, plan.keys,
-                                                                     plan.targets):
-                value = stats[key]
-                kind = type(value)
-                if up:
-                    text = str(up_value(value))
-                elif kind is int and not div and mul == 1:
-                    text = str(value)
-                elif kind in NUMBER_TYPES:
-                    text = format_number(scaled(value, mul, div))
-                else:
-                    continue    # a value that is not a number this time
-                buckets[family].append(opening + labels + text + "\n")
-        vm_up = self.table.families["vm_up"]
-        for uuid, name in sample.gone:
-            buckets[vm_up].append('vm_up{uuid="%s",name="%s"} 0\n'
-                                  % (escape_label(uuid), escape_label(name)))
-        if len(self.plans) > 2 * len(sample.domains) + 100:     # forget domains that left
-            present = set(uuid for uuid, _, _ in sample.domains)
-            for uuid in [u for u in self.plans if u not in present]:
-                del self.plans[uuid]
-        return buckets
-
-    def render(self, sample, openmetrics=False):
-        """The exposition text for a sample's domains, without '# EOF'."""
-        buckets = self.series(sample)
-        parts = []
-        for family in sorted(buckets, key=lambda f: f.order):
-            parts.append(family_header(family, openmetrics))
-            parts.extend(buckets[family])
-        return "".join(parts)
-
-
-def render_families(families, openmetrics=False):
-    """Text for small families given as [(name, type, help, [(labels, value)])]."""
-    parts = []
-    for name, mtype, help_text, samples in families:
-        parts.append(family_header(Family(name, mtype, help_text, 0), openmetrics))
-        for labels, value in samples:
-            text = ",".join('%s="%s"' % (k, escape_label(str(v))) for k, v in labels)
-            parts.append("%s%s %s\n" % (name, "{%s}" % text if text else "",
-                                         format_number(value)))
-    return "".join(parts)
+            for t in targets(key):
+                if wanted is not None and t.family.name not in wanted:
+                    continue
+                number = t.row.value(value) if t.row.value else scaled(value, t.mul, t.div)
+                yield uuid, name, t.family, device_labels(t, stats), number
+    for row in registry.departed_rows:
+        if wanted is None or row.name in wanted:
+            family = registry.families[row.name]
+            for uuid, name in sample.gone:
+                yield uuid, name, family, (), row.departed
 
 
 # -- StatsD push ---------------------------------------------------------------
@@ -2352,10 +2914,10 @@ def statsd_value(number):
     return ("0|g", text + "|g") if number < 0 else (text + "|g",)
 
 
-def statsd_lines(table, sample, prefix="vm", tags=False):
-    """[(line, ...)] per value: the lines of one group must share a datagram."""
+def statsd_lines(registry, sample, prefix="vm", tags=False):
+    """[(line, ...)] per sampled value: the lines of one group must share a datagram."""
     groups = []
-    for uuid, name, family, devices, number in sample_series(table, sample):
+    for uuid, name, family, devices, number in sample_series(registry, sample):
         if number != number or number in (math.inf, -math.inf):
             continue    # StatsD has no spelling for NaN or infinity
         metric = statsd_metric(family)
@@ -2399,9 +2961,9 @@ class StatsdEmitter(object):
     every interval; errors are counted and logged at most once a minute.
     """
 
-    def __init__(self, sampler, host, port=8125, interval=15.0, prefix="vm", tags=False,
+    def __init__(self, loop, registry, host, port=8125, interval=15.0, prefix="vm", tags=False,
                  max_packet=1432):
-        self.sampler, self.host, self.port = sampler, host, port
+        self.loop, self.registry, self.host, self.port = loop, registry, host, port
         self.interval, self.prefix, self.tags, self.max_packet = interval, prefix, tags, max_packet
         self.packets_total = 0
         self.errors_total = 0
@@ -2418,14 +2980,14 @@ class StatsdEmitter(object):
     def run(self):
         while not self.stopping.wait(self.interval):
             try:
-                self.send(self.sampler.latest)
+                self.send(self.loop.latest)
             except Exception as exc:  # never let the emitter thread die
                 self.failed("StatsD push failed: %s" % exc)
 
     def send(self, sample):
         if not sample.time:
             return      # nothing sampled yet
-        groups = statsd_lines(self.sampler.table, sample, self.prefix, self.tags)
+        groups = statsd_lines(self.registry, sample, self.prefix, self.tags)
         packets, dropped = statsd_packets(groups, self.max_packet)
         if dropped:
             self.failed("%d StatsD lines longer than --statsd-max-packet %d dropped, e.g. %s"
@@ -2494,13 +3056,13 @@ class JsonTemplate(object):
     %-format of its converted values.
     """
 
-    def __init__(self, table, layout):
+    def __init__(self, registry, layout):
         steps = [(None, None)]  # slot 0: the timestamp
 
         def slot(index, target):
             steps.append((index, target))
             return SLOT % (len(steps) - 1)
-        skeleton = json_skeleton(table, layout, slot)
+        skeleton = json_skeleton(registry, layout, slot)
         skeleton["timestamp"] = SLOT % 0
         text = json.dumps(skeleton, separators=(",", ":")).replace("%", "%%")
         order = []
@@ -2517,14 +3079,14 @@ class JsonTemplate(object):
                                   for index, target in self.steps])
 
 
-def json_skeleton(table, layout, leaf):
+def json_skeleton(registry, layout, leaf):
     """A sample's structure, each value given by leaf(index in values, target)."""
     keys, names = layout
     names = dict(names)
     out = {"timestamp": None}
     devices = {}            # (list path, index) -> that device's entry
     for position, key in enumerate(keys):
-        for t in table.targets(key):
+        for t in registry.targets(key):
             if t.json is None:
                 continue
             list_path, field = t.json
@@ -2553,35 +3115,61 @@ def put(where, path, value):
 
 
 # The overview (/api/v1.0/overview, the page's table): one row per domain, its
-# columns from the metric table's families, summed over devices.  "rate": per
-# second between the two latest samples; "percent": the same, of one core.
+# columns from the registry's families, summed over devices, each with a heading
+# and a kind the page shows it by.  How a column is worked out: "value"; "rate":
+# per second between the two latest samples; "percent": the same, of one core;
 # "full rate": per second between the domain's two latest full reads (its disks
 # are read only then).
-OVERVIEW_COLUMNS = (
-    ("vcpus", "vm_vcpus", "value"),
-    ("cpu_percent", "vm_cpu_seconds_total", "percent"),
-    ("memory_bytes", "vm_memory_bytes", "value"),
-    ("rss_bytes", "vm_memory_rss_bytes", "value"),
-    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate"),
-    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate"),
-    ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate"),
-    ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate"),
+OVERVIEW_FIXED = (      # (column, heading, kind)
+    ("uuid", "uuid", "key"), ("name", "Name", "text"), ("state", "State", "state"),
+    ("stale", "stale", "flag"), ("context", "Context", "text"))
+OVERVIEW_COLUMNS = (    # (column, family, how, heading, kind)
+    ("vcpus", "vm_vcpus", "value", "vCPUs", "number"),
+    ("cpu_percent", "vm_cpu_seconds_total", "percent", "CPU %", "number"),
+    ("memory_bytes", "vm_memory_bytes", "value", "Memory", "bytes"),
+    ("rss_bytes", "vm_memory_rss_bytes", "value", "RSS", "bytes"),
+    ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate", "Disk read/s", "bytes"),
+    ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate", "Disk write/s",
+     "bytes"),
+    ("network_receive_bytes_per_second", "vm_network_receive_bytes_total", "rate", "Net rx/s",
+     "bytes"),
+    ("network_transmit_bytes_per_second", "vm_network_transmit_bytes_total", "rate", "Net tx/s",
+     "bytes"),
 )
-OVERVIEW_FIXED = ("uuid", "name", "state", "stale", "context")
-OVERVIEW_FAMILIES = frozenset(family for _, family, _ in OVERVIEW_COLUMNS)
+OVERVIEW_FAMILIES = frozenset(column[1] for column in OVERVIEW_COLUMNS)
+
+# The page's charts of one domain's history (/api/v1.0/stats/<uuid>): (title, unit,
+# how, [(series, family)]).  A family labelled by vCPU draws a line per vCPU; one
+# labelled by disk or NIC sums its devices.  chart_spec finds each series' place
+# and unit in the registry.
+CHARTS = (
+    ("CPU per vCPU", "percent", "rate", (("vCPU", "vm_vcpu_seconds_total"),)),
+    ("Steal (waiting for a host CPU)", "percent", "rate",
+     (("vCPU", "vm_vcpu_delay_seconds_total"),)),
+    ("Memory", "bytes", "value", (("assigned", "vm_memory_bytes"), ("RSS", "vm_memory_rss_bytes"))),
+    ("Disk", "bytes/s", "full rate", (("read", "vm_disk_read_bytes_total"),
+                                      ("write", "vm_disk_write_bytes_total"))),
+    ("Network", "bytes/s", "rate", (("rx", "vm_network_receive_bytes_total"),
+                                    ("tx", "vm_network_transmit_bytes_total"))),
+)
 
 
-def family_totals(table, sample):
-    """{uuid: {family: value summed over devices}} of the overview's families,
-    worked out once per sample."""
-    totals = sample.derived.get("totals")
-    if totals is None:
-        totals = {}
-        for uuid, _, family, _, number in sample_series(table, sample, OVERVIEW_FAMILIES):
-            mine = totals.setdefault(uuid, {})
-            mine[family.name] = mine.get(family.name, 0) + number
-        sample.derived["totals"] = totals
-    return totals
+def chart_spec(registry):
+    """The charts as the page draws them: each series' place in a JSON sample (a list
+    of devices and a field in each, or a field) and the factor from its JSON unit to
+    the chart's (seconds as percent of a core), taken from the family's row."""
+    rows = dict((row.name, row) for row in registry.rows)
+    charts = []
+    for title, unit, how, series in CHARTS:
+        lines = []
+        for name, family in series:
+            row = rows[family]
+            devices, field = parse_json_place(row.json)
+            factor = row.scale / row.json_scale * (100 if unit == "percent" else 1)
+            lines.append({"name": name, "list": devices, "field": field,
+                          "factor": factor, "each": "cpu" in row.labels})
+        charts.append({"title": title, "unit": unit, "how": how, "series": lines})
+    return charts
 
 
 def counter_rate(now, before, seconds):
@@ -2590,20 +3178,61 @@ def counter_rate(now, before, seconds):
     return (now - before) / seconds
 
 
+def domain_context(info, registry):
+    """Whose VM it is, in a few words: its OpenStack project, its --metadata-label
+    values, else its title."""
+    def labels(name):       # [(label, value)] of the family's first series, or None
+        rows = (info or {}).get(name)
+        return list(zip(registry.info_labels(INFO_FAMILY[name]), rows[0])) if rows else None
+    openstack = labels("vm_openstack_info")
+    if openstack is not None:
+        project = dict(openstack)["project_name"] or dict(openstack)["project_id"]
+        return "project %s" % project if project else ""
+    picked = labels("vm_metadata_info")
+    if picked:
+        return " ".join("%s=%s" % (label, value) for label, value in picked if value)
+    return dict(labels("vm_info") or ()).get("title", "")
+
+
 class Overview(object):
-    """The overview document: columns once, then one list of values per domain.
+    """The overview document: columns (with their headings and kinds) once, then one
+    list of values per domain, made once per sample.
 
-    Rates span the latest sample and the one before it (Sampler.previous, at
-    least half an --interval older); full-tier counters span the domain's two
-    latest full reads, whose rate is kept between them."""
+    Rates span the latest sample and the one before it (at least half an
+    --interval older); full-tier counters span the domain's two latest full
+    reads, whose rate is kept between them."""
 
-    def __init__(self, table):
-        self.table = table
+    def __init__(self, registry):
+        self.registry = registry
         self.full_rates = {}    # uuid -> {family: rate between its two latest full reads}
+        self.totals = {}        # sample seq -> family_totals, of the latest two samples
+
+    def body(self, sample, previous, store, interval):
+        """The document's JSON for a sample (made once per sample: see Agent.overview_body)."""
+        contexts = dict((uuid, domain_context(record.info, self.registry))
+                        for uuid, record in ((u, store.get(u)) for u, _, _ in sample.domains)
+                        if record is not None)
+        doc = self.document(sample, previous, contexts)
+        doc["interval"] = interval
+        return (json.dumps(doc, separators=(",", ":")) + "\n").encode("utf-8")
+
+    def family_totals(self, sample):
+        """{uuid: {family: value summed over devices}} of the overview's families."""
+        totals = self.totals.get(sample.seq)
+        if totals is None:
+            totals = {}
+            for uuid, _, family, _, number in sample_series(self.registry, sample,
+                                                            OVERVIEW_FAMILIES):
+                mine = totals.setdefault(uuid, {})
+                mine[family.name] = mine.get(family.name, 0) + number
+            for seq in sorted(self.totals)[:-1]:
+                del self.totals[seq]
+            self.totals[sample.seq] = totals
+        return totals
 
     def document(self, sample, previous, contexts):
-        totals = family_totals(self.table, sample)
-        before = family_totals(self.table, previous) if previous is not None else {}
+        totals = self.family_totals(sample)
+        before = self.family_totals(previous) if previous is not None else {}
         earlier_stats = dict((u, st) for u, _, st in previous.domains) if previous else {}
         seconds = sample.time - previous.time if previous is not None else 0
         rows = []
@@ -2611,7 +3240,7 @@ class Overview(object):
             mine, earlier = totals.get(uuid, {}), before.get(uuid, {})
             row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
                    stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
-            for _, family, how in OVERVIEW_COLUMNS:
+            for _, family, how, _, _ in OVERVIEW_COLUMNS:
                 if how == "value":
                     value = mine.get(family)
                 elif how == "full rate":
@@ -2624,9 +3253,10 @@ class Overview(object):
             rows.append(row)
         for uuid in [u for u in self.full_rates if u not in totals]:
             del self.full_rates[uuid]
+        columns = [c[:1] + c[-2:] for c in OVERVIEW_FIXED + OVERVIEW_COLUMNS]
         return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
-                "columns": list(OVERVIEW_FIXED) + [c for c, _, _ in OVERVIEW_COLUMNS],
-                "domains": rows}
+                "columns": [c[0] for c in columns], "headings": [c[1] for c in columns],
+                "kinds": [c[2] for c in columns], "domains": rows}
 
     def full_rate(self, uuid, family, when, stats, mine, previous, earlier_stats, earlier):
         """The rate of a counter read only at full reads, dated by their stats_age."""
@@ -2638,20 +3268,6 @@ class Overview(object):
                 kept[family] = counter_rate(mine.get(family), earlier.get(family),
                                             read_at - before_at)
         return kept.get(family)
-
-
-def domain_context(info, metadata_labels):
-    """Whose VM it is, in a few words: its OpenStack project, its --metadata-label
-    values, else its title."""
-    openstack = info.get("vm_openstack_info")
-    if openstack:
-        project = openstack[0][2] or openstack[0][1]
-        return "project %s" % project if project else ""
-    picked = info.get("vm_metadata_info")
-    if picked:
-        return " ".join("%s=%s" % (label, value)
-                        for (label, _), value in zip(metadata_labels, picked[0]) if value)
-    return info.get("vm_info", [("",) * 5])[0][4]
 
 
 # -- Specs and info labels from the domain XML ---------------------------------
@@ -2715,20 +3331,6 @@ NOVA_NAMESPACES = tuple("http://openstack.org/xmlns/libvirt/nova/%s" % v
                         for v in ("1.0", "1.1", "1.2"))
 LABEL_VALUE_LIMIT = 1024
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-# (family, help, labels after uuid and name)
-INFO_FAMILIES = (
-    ("vm_info", "The domain's type, OS type, architecture, machine and title (value 1).",
-     ("type", "os_type", "arch", "machine", "title")),
-    ("vm_openstack_info", "The OpenStack instance a domain is, from nova's metadata (value 1).",
-     ("instance_name", "project_id", "project_name", "user_id", "user_name", "flavor",
-      "root_type", "root_id")),
-    ("vm_metadata_info", "Values picked from the domain's metadata by --metadata-label (value 1).",
-     ()),
-    ("vm_disk_info", "A disk of the domain: its source, bus, format and cache (value 1).",
-     ("device", "type", "source", "bus", "driver_type", "cache", "serial", "readonly")),
-    ("vm_network_info", "A NIC of the domain: its MAC, type, source and model (value 1).",
-     ("interface", "mac", "type", "source", "model", "mtu", "interfaceid")),
-)
 
 
 def label_value(text):
@@ -2788,8 +3390,8 @@ def nic_source(nic):
 
 
 def domain_info(root, metadata_labels=()):
-    """{family: [(label value, ...), ...]} of a domain's XML, labels as INFO_FAMILIES
-    names them (vm_metadata_info: as --metadata-label does)."""
+    """{family: [(label value, ...), ...]} of a domain's XML, labels as the registry's
+    INFO declares them (vm_metadata_info: as --metadata-label does)."""
     info = {"vm_info": [(root.get("type"), element_text(root, "os/type"),
                          attribute(root, "os/type", "arch"), attribute(root, "os/type", "machine"),
                          element_text(root, "title"))]}
@@ -2852,194 +3454,11 @@ def metadata_label(text):
     return label, path
 
 
-def render_info(infos, metadata_labels, openmetrics=False):
-    """The info families of every domain: infos maps uuid -> (name, domain_info()).
-
-    One series per label set: two devices alike in every label make one."""
-    parts = []
-    for family, help_text, labels in INFO_FAMILIES:
-        if family == "vm_metadata_info":
-            labels = tuple(label for label, _ in metadata_labels)
-        lines, seen = [], set()
-        for uuid, (name, info) in sorted(infos.items()):
-            head = 'uuid="%s",name="%s"' % (escape_label(uuid), escape_label(name))
-            for values_ in info.get(family, ()):
-                line = "%s{%s%s} 1\n" % (family, head, "".join(
-                    ',%s="%s"' % (label, escape_label(value))
-                    for label, value in zip(labels, values_)))
-                if line not in seen:
-                    seen.add(line)
-                    lines.append(line)
-        if lines:
-            parts.append(family_header(Family(family, GAUGE, help_text, 0), openmetrics))
-            parts.extend(lines)
-    return "".join(parts)
-
-
-class SpecCache(object):
-    """Domain specifications (XML as JSON), fetched by one spec thread.
-
-    A domain's spec is fetched when it first appears in a sample and again
-    after any lifecycle event for it (a start changes the live XML, a define
-    replaces it); requests never fetch XML themselves.  Reading XML needs no
-    guest, so a hung guest does not hold it up.
-    """
-
-    def __init__(self, metadata_labels=()):
-        self.specs = {}         # uuid -> spec
-        self.infos = {}         # uuid -> (name, domain_info())
-        self.metadata_labels = metadata_labels
-        self.version = 0        # changes whenever an info label does
-        self.info_texts = {}    # (version, openmetrics) -> render_info() text
-        self.dirty = set()      # uuids to fetch again
-        self.lock = threading.Lock()
-        self.seq = 0            # the sample the specs were last refreshed for
-        self.updated = threading.Condition(self.lock)
-        self.pending = None     # (domains, seq) for the worker
-        self.working = False
-
-    def request(self, domains, seq):
-        """Refresh for a new sample in the spec thread; never more than one at a time."""
-        with self.lock:
-            self.pending = (domains, seq)
-            if self.working:
-                return
-            self.working = True
-        threading.Thread(target=self._work, name="specs", daemon=True).start()
-
-    def _work(self):
-        while True:
-            with self.lock:
-                job, self.pending = self.pending, None
-                if job is None:
-                    self.working = False
-                    return
-            try:
-                self.refresh(*job)
-            except Exception as exc:  # keep specs flowing whatever one round met
-                log.warning("spec refresh failed: %s", exc)
-
-    def mark(self, uuid):
-        with self.lock:
-            self.dirty.add(uuid)
-
-    def info_text(self, openmetrics=False):
-        """The info families of every domain, rendered once per change."""
-        with self.lock:
-            key = (self.version, openmetrics)
-            text = self.info_texts.get(key)
-            if text is None:
-                text = self.info_texts[key] = render_info(self.infos, self.metadata_labels,
-                                                          openmetrics)
-            return text
-
-    def peek(self, uuid):
-        """The spec of a uuid as it is now, without waiting (the sampler's use)."""
-        return self.specs.get(uuid)
-
-    def refresh(self, domains, seq):
-        """Fetch what is missing or dirty; domains maps uuid -> virDomain."""
-        with self.lock:
-            wanted = [u for u in domains if u not in self.specs or u in self.dirty]
-            self.dirty.difference_update(wanted)
-        fetched, infos = {}, {}
-        for uuid in wanted:
-            try:
-                root = ElementTree.fromstring(domains[uuid].XMLDesc(0))
-                fetched[uuid] = element_json(root)
-                infos[uuid] = (element_text(root, "name") or "",
-                               domain_info(root, self.metadata_labels))
-            except libvirt.libvirtError as exc:
-                log.debug("spec of %s not read: %s", uuid, exc)
-                self.mark(uuid)   # try again next round
-            except ElementTree.ParseError as exc:
-                log.warning("spec of %s is not valid XML: %s", uuid, exc)
-        with self.lock:
-            self.specs.update(fetched)
-            changed = any(self.infos.get(u) != i for u, i in infos.items())
-            self.infos.update(infos)
-            for table in (self.specs, self.infos):
-                for uuid in [u for u in table if u not in domains]:
-                    del table[uuid]
-                    changed = True
-            if changed:
-                self.version += 1
-                self.info_texts = {}
-            self.seq = seq
-            self.updated.notify_all()
-
-    def get(self, key, seq=0, timeout=0):
-        """The spec for a uuid or name, once specs are as new as sample seq."""
-        with self.lock:
-            self.updated.wait_for(lambda: self.seq >= seq, timeout)
-            spec = self.specs.get(canonical_uuid(key) or key)
-            if spec is None:
-                for candidate in self.specs.values():
-                    if candidate.get("name", {}).get("value") == key:
-                        return candidate
-            return spec
-
-    def all(self):
-        with self.lock:
-            specs = list(self.specs.values())
-        return sorted(specs, key=lambda s: str(s.get("name", {}).get("value", "")))
-
-
 # =============================================================================
-# Event hub: lifecycle history and live streams
+# Event hub: history and live streams
 # =============================================================================
 
 EVENT_FILTERS = dict((name.lower() + "_events", name) for name in ALL_EVENT_TYPES)
-
-
-# Counters of events per domain, for alerting: (family, help, the event type
-# it counts, the details that become labels).  Families without labels are 0
-# for every domain until its first event, so that increase() sees the first.
-EVENT_FAMILIES = (
-    ("vm_events_total", "Domain events received, by type.", None, ("event_type",)),
-    ("vm_io_errors_total", "Disk I/O errors reported by the domain, by device and action.",
-     "IOError", ("device", "action")),
-    ("vm_reboots_total", "Guest reboots (the REBOOT event).", "Reboot", ()),
-    ("vm_watchdog_events_total", "Guest watchdog expiries, by the action taken.", "Watchdog",
-     ("action",)),
-    ("vm_block_threshold_exceeded_total", "Disks that wrote past their write threshold.",
-     "BlockThreshold", ("device",)),
-    ("vm_control_errors_total", "Times the domain's QEMU monitor failed (CONTROL_ERROR).",
-     "ControlError", ()),
-    ("vm_memory_failures_total", "Hardware memory errors reported for the domain, by action.",
-     "MemoryFailure", ("action",)),
-    ("vm_jobs_completed_total", "Jobs that ended, by operation and result (completed: a "
-     "JobCompleted event, or libvirt's record of a job seen ending without one; failed: also "
-     "a migration with no record).",
-     "JobCompleted", ("operation", "result")),
-)
-# The families a domain that left keeps for --down-minutes: its departure's.
-DEPARTURE_FAMILIES = ("vm_jobs_completed_total",)
-# Gauges of the domain's latest JobCompleted event: (family, help, its field, divisor
-# from libvirt's unit, ms; 0: none).
-LAST_JOB_FAMILIES = (
-    ("vm_last_job_downtime_seconds", "Downtime of the domain's latest completed job (migration, save).",
-     "downtime", 1000),
-    ("vm_last_job_elapsed_seconds", "Time the domain's latest completed job took.",
-     "time_elapsed", 1000),
-    ("vm_last_job_data_bytes", "Bytes the domain's latest completed job moved.",
-     "data_processed", 0),
-)
-
-
-def event_series(event_type, details):
-    """[(family, ((label, value), ...))] an event adds one to."""
-    found = []
-    for family, _, counted, labels in EVENT_FAMILIES:
-        if counted is None:
-            found.append((family, (("event_type", event_type),)))
-        elif counted == event_type:
-            # device: the disk's target, as in the disk families, where the event's
-            # alias could be resolved (see disk_target)
-            found.append((family, tuple((l, str(details.get(
-                "target" if l == "device" and "target" in details else l,
-                "completed" if l == "result" else ""))) for l in labels)))
-    return found
 
 
 def disk_target(spec, alias):
@@ -3129,19 +3548,16 @@ class EventHub(object):
         self.subscribers = []
         self.last_id = 0
         self.counts = dict((name, 0) for name in ALL_EVENT_TYPES + ("Unknown",))
-        self.changed = {}       # uuid -> when its latest lifecycle event came (Unix time)
-        self.tallies = {}       # uuid -> (name, {(family, labels): count}) for vm_*_total
-        self.last_jobs = {}     # uuid -> the details of its latest JobCompleted event
-        self.completed_at = {}  # uuid -> when it came (Unix time)
         self.closing = False
 
     def publish(self, name, uuid, event, detail):
         """A lifecycle event, from its codes."""
         event_type, reason = event_names(event, detail)
-        self.record(name, uuid, event_type, reason)
+        return self.record(name, uuid, event_type, reason)
 
     def record(self, name, uuid, event_type, reason, details=None):
-        """Any event: kept, counted and offered to every stream.
+        """Any event: kept, counted by type and offered to every stream (what it
+        means for its domain, its record keeps: see main).
 
         At --event-history events in all, the kind with the most events gives up
         its oldest: a chatty kind pushes out its own history, not another's."""
@@ -3158,16 +3574,7 @@ class EventHub(object):
                 max(self.kinds.values(), key=len).popleft()
                 self.kept -= 1
             self._expire(now)
-            if details is None:     # a lifecycle event
-                cached(self.changed, uuid, lambda: 0.0)     # bounded however domains come and go
-                self.changed[uuid] = item.ms / 1000.0
             self.counts[event_type] = self.counts.get(event_type, 0) + 1
-            self._tally(name, uuid, event_series(event_type, details or {}))
-            if event_type == "JobCompleted":
-                cached(self.last_jobs, uuid, dict)
-                cached(self.completed_at, uuid, float)
-                self.last_jobs[uuid] = details
-                self.completed_at[uuid] = now
             for subscriber in self.subscribers:
                 subscriber.offer(item)
         log.debug("event %s", item.json)
@@ -3177,23 +3584,6 @@ class EventHub(object):
         """The id to resume after: an id beyond the newest is from before the agent
         restarted (ids start again), so everything kept follows it."""
         return 0 if since > self.last_id else since
-
-    def _tally(self, name, uuid, series):
-        counts = cached(self.tallies, uuid, lambda: (name, {}))[1]
-        self.tallies[uuid] = (name, counts)
-        for family, labels in series:
-            counts[(family, labels)] = counts.get((family, labels), 0) + 1
-
-    def job_ended(self, name, uuid, operation, result):
-        """A job that ended without a JobCompleted event (failed, cancelled)."""
-        with self.lock:
-            self._tally(name, uuid, [("vm_jobs_completed_total",
-                                      (("operation", operation), ("result", result)))])
-
-    def job_completed_since(self, uuid, when):
-        """True when a JobCompleted event for the domain came at or after when (Unix)."""
-        with self.lock:
-            return self.completed_at.get(uuid, 0) >= when
 
     def _expire(self, now):
         horizon = (now - self.max_age) * 1000
@@ -3266,147 +3656,86 @@ class EventHub(object):
 
 
 # =============================================================================
-# HTTP handler and routes
+# HTTP: the agent, the routes, the handler, the server
 # =============================================================================
 
-class Agent(object):
-    """Everything the HTTP handler needs, wired together by main()."""
+class Memo(object):
+    """Bodies made once per key and shared by every request that asks while the key
+    lasts (the page: always; the overview: a sample; /metrics: a sample and the
+    specs and events it shows, in each format); the newest few keys are kept."""
 
-    def __init__(self, args, hypervisor, sampler, formatter, hub, statsd=None, users=None):
-        self.args = args
-        self.hypervisor = hypervisor
-        self.sampler = sampler
-        self.formatter = formatter
-        self.hub = hub
-        self.statsd = statsd
-        self.users = users
+    def __init__(self, keep=8):
+        self.keep = keep
+        self.made = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:     # concurrent requests make a body once
+            body = self.made.get(key)
+            if body is None:
+                body = self.made[key] = make()
+                while len(self.made) > self.keep:
+                    self.made.popitem(last=False)
+            return body
+
+
+class Agent(object):
+    """What the routes need, wired together by main(): the connection, the
+    sampling loop and its parts, the store, the formatters, the event hub and
+    StatsD."""
+
+    def __init__(self, args, hypervisor, call, store, registry, loop, specs, hub=None,
+                 statsd=None, users=None):
+        self.args, self.hypervisor, self.call, self.store = args, hypervisor, call, store
+        self.registry, self.loop, self.specs, self.hub = registry, loop, specs, hub
+        self.sampler = loop.sampler
+        self.statsd, self.users = statsd, users
+        self.exposition = Exposition(registry)
+        self.overview = Overview(registry)
+        # one per kind of body, so that rendering one never waits for another
+        self.metrics_memo, self.overview_memo, self.page_memo = Memo(), Memo(2), Memo(1)
         self.started = time.time()
         self.build_labels = (("version", VERSION), ("python_version", platform.python_version()),
                              ("libvirt_version", libvirt_version_string()))
-        self.render_lock = threading.Lock()
-        self.page_body = None
-        self.overviews = Overview(formatter.table if formatter is not None else None)
-        self.overview_lock = threading.Lock()
 
     def metrics_body(self, openmetrics, want_gzip):
-        """The /metrics body: the sample's part is rendered (and compressed) once.
+        """The /metrics body, as parts to send one after the other: the sample's part
+        is rendered (and compressed) once, the agent's own families every scrape.
 
-        For gzip the cached part is a compressor that has consumed the sample's
-        text; each scrape copies it and appends the self metrics, so the answer
-        is one gzip stream for the price of compressing a few lines.
-        """
-        sample = self.sampler.latest
-        specs = self.sampler.specs
-        key = (openmetrics, want_gzip, specs.version, len(self.hub.changed), self.hub.last_id)
-        body = sample.cache.get(key)
-        if body is None:
-            with self.render_lock:  # concurrent scrapes render a sample once
-                body = sample.cache.get(key)
-                if body is None:
-                    if len(sample.cache) > 8:   # specs or events changed since it was cached
-                        sample.cache.clear()
-                    body = (self.formatter.render(sample, openmetrics)
-                            + specs.info_text(openmetrics)
-                            + self.state_changes(sample, openmetrics)
-                            + self.event_counters(sample, openmetrics)).encode("utf-8")
-                    if want_gzip:
-                        compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-                        body = (compressor.compress(body), compressor)
-                    sample.cache[key] = body
-        tail = render_families(self.self_metrics(sample), openmetrics)
-        if openmetrics:
-            tail += "# EOF\n"
-        tail = tail.encode("utf-8")
+        For gzip the memo holds a compressor that has consumed the sample's part;
+        each scrape copies it and adds the rest, so the answer is one gzip stream
+        for the price of compressing a few lines."""
+        sample, store = self.loop.latest, self.store
+
+        def make():
+            text = self.exposition.domains(sample, store, openmetrics).encode("utf-8")
+            if not want_gzip:
+                return text
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+            return compressor.compress(text), compressor
+        body = self.metrics_memo.get((sample.seq, store.info_version, store.events_version,
+                                      openmetrics, want_gzip), make)
+        tail = (self.exposition.own(self, sample, time.time(), openmetrics)
+                + ("# EOF\n" if openmetrics else "")).encode("utf-8")
         if not want_gzip:
             return body, tail
         head, compressor = body
         compressor = compressor.copy()
         return head, compressor.compress(tail) + compressor.flush()
 
-    def event_counters(self, sample, openmetrics):
-        """The vm_*_total families of events for the sample's domains; the job
-        families (DEPARTURE_FAMILIES) also for those gone within --down-minutes:
-        a domain that migrated away keeps its migration's figures (its
-        JobCompleted event comes as it goes)."""
-        with self.hub.lock:
-            tallies = dict((u, dict(c)) for u, (_, c) in self.hub.tallies.items())
-            last_jobs = dict(self.hub.last_jobs)
-        present = [(uuid, name) for uuid, name, _ in sample.domains]
-        families = []
-        for family, help_text, _, labels in EVENT_FAMILIES:
-            rows = []
-            gone = list(sample.gone) if family in DEPARTURE_FAMILIES else []
-            for uuid, name in present + gone:
-                counts = tallies.get(uuid, {})
-                found = [(l, n) for (f, l), n in sorted(counts.items()) if f == family]
-                if not found and not labels:
-                    found = [((), 0)]
-                rows += [((("uuid", uuid), ("name", name)) + l, n) for l, n in found]
-            if rows:
-                families.append((family, COUNTER, help_text, rows))
-        for family, help_text, field, divisor in LAST_JOB_FAMILIES:
-            rows = [((("uuid", uuid), ("name", name)), scaled(last_jobs[uuid][field], 1, divisor))
-                    for uuid, name in present + list(sample.gone)
-                    if type(last_jobs.get(uuid, {}).get(field)) in (int, float)]
-            if rows:
-                families.append((family, GAUGE, help_text, rows))
-        return render_families(families, openmetrics)
-
-    def state_changes(self, sample, openmetrics):
-        """vm_state_changed_timestamp_seconds of the sample's domains that had an event."""
-        changed = self.hub.changed
-        rows = [((("uuid", uuid), ("name", name)), changed[uuid])
-                for uuid, name, _ in sample.domains if uuid in changed]
-        return render_families([(
-            "vm_state_changed_timestamp_seconds", GAUGE,
-            "When the domain's latest lifecycle event arrived, Unix time.", rows)] if rows else (),
-            openmetrics)
-
-    def self_metrics(self, sample):
-        now = time.time()
-        return [(f.name, f.type, f.help, f.rows(self, sample, now)) for f in SELF_FAMILIES]
+    def overview_body(self):
+        """The overview document's JSON, once per sample."""
+        with self.loop.new_sample:
+            sample, previous = self.loop.latest, self.loop.previous
+        return self.overview_memo.get(sample.seq, lambda: self.overview.body(
+            sample, previous, self.store, self.args.interval))
 
     def page(self):
-        """The browser page, made once."""
-        if self.page_body is None:
-            self.page_body = page_html(VERSION, self.hypervisor.uri).encode("utf-8")
-        return self.page_body
-
-    def overview(self):
-        """The overview document's JSON, once per sample."""
-        with self.sampler.new_sample:
-            sample, previous = self.sampler.latest, self.sampler.previous
-        body = sample.derived.get("overview")
-        if body is not None:
-            return body
-        with self.overview_lock:    # concurrent requests make it once; its kept rates are one
-            body = sample.derived.get("overview")
-            if body is None:
-                specs = self.sampler.specs
-                with specs.lock:
-                    contexts = dict((uuid, domain_context(info, specs.metadata_labels))
-                                    for uuid, (_, info) in specs.infos.items())
-                doc = self.overviews.document(sample, previous, contexts)
-                doc["interval"] = self.args.interval
-                body = sample.derived["overview"] = (json.dumps(doc, separators=(",", ":"))
-                                                     + "\n").encode("utf-8")
-        return body
-
-    def stats(self, uuid):
-        """JSON text {uuid: [sample, ...]} from the history, oldest first; None if empty."""
-        history = self.sampler.history
-        return stats_text((u, [history.render(*record) for record in records])
-                          for u, records in history.get(uuid).items())
-
-    def live_stats(self, uuid):
-        """JSON text {uuid: [one fresh sample]}; concurrent callers share one libvirt call."""
-        sample = self.fresh_sample()
-        history = self.sampler.history
-        return stats_text((u, [history.render(sample.time, *history.compact(stats))])
-                          for u, _name, stats in sample.domains if uuid is None or u == uuid)
+        return self.page_memo.get("page", lambda: page_html(
+            VERSION, self.hypervisor.uri, chart_spec(self.registry)).encode("utf-8"))
 
     def fresh_sample(self, started_after=False):
-        sample = self.sampler.fresh_sample(self.live_timeout(), started_after)
+        sample = self.loop.fresh_sample(self.live_timeout(), started_after)
         if sample is None:
             raise HTTPError(503, "no fresh sample: libvirt at %s is unreachable or too slow (%s)"
                             % (self.hypervisor.uri, self.hypervisor.error or "timeout"))
@@ -3415,18 +3744,9 @@ class Agent(object):
     def live_timeout(self):
         return max(10.0, 2 * self.args.interval)
 
-    def spec(self, key):
-        """A domain's spec by uuid or name; a miss waits for one fresh sample."""
-        specs = self.sampler.specs
-        spec = specs.get(key)
-        if spec is None:
-            sample = self.fresh_sample(started_after=True)
-            spec = specs.get(key, sample.seq, self.live_timeout())
-        return spec
-
     def status(self):
         """One line for systemd's STATUS=."""
-        sample = self.sampler.latest
+        sample = self.loop.latest
         age = "%.1f s" % (time.time() - sample.time) if sample.time else "none yet"
         return "%d domains, last sample %s ago, libvirt %s" % (
             len(sample.domains), age, "connected" if self.hypervisor.up else "unreachable")
@@ -3442,10 +3762,10 @@ class Agent(object):
                 "libvirt_values": sample.through_libvirt,
                 "kernel_unavailable": kernel.reason if kernel is not None else "--source libvirt",
                 "interval_seconds": self.args.interval,
-                "full_interval_seconds": self.sampler.full_interval}
+                "full_interval_seconds": self.loop.pacer.full_interval}
 
     def health(self):
-        sample = self.sampler.latest
+        sample = self.loop.latest
         age = time.time() - sample.time if sample.time else None
         fresh = age is not None and age <= max(3 * self.args.interval, 10)
         ok = self.hypervisor.up and fresh
@@ -3547,412 +3867,170 @@ def canonical_uuid(text):
     return "-".join((digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:]))
 
 
-# The browser page at / and /ui: HTML, CSS and JavaScript inline, nothing from
-# elsewhere (the host may be air-gapped).  Data only ever reaches the page as
-# text (textContent, SVG attributes): names and metadata are the guests'
-# owners' input.  The Content-Security-Policy admits this page's own script
-# and style by their hashes, and connections to this origin only.
-PAGE_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
-header { background: #1f3a5f; color: #fff; padding: 8px 16px; }
-header h1 { font-size: 18px; margin: 0; display: inline; }
-header nav { display: inline; margin-left: 16px; }
-header a { color: #cde; margin-right: 10px; }
-main { padding: 8px 16px; }
-#summary { margin-left: 12px; color: #555; }
-table { border-collapse: collapse; width: 100%; background: #fff; }
-th, td { padding: 3px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
-th { cursor: pointer; background: #eef1f5; user-select: none; }
-th.text, td.text { text-align: left; }
-td.text { max-width: 24em; overflow: hidden; text-overflow: ellipsis; }
-.scroll { overflow-x: auto; }
-tr.row:hover { background: #f2f7ff; cursor: pointer; }
-.badge { padding: 1px 6px; border-radius: 3px; color: #fff; background: #888; }
-.Running { background: #2e7d32; } .Paused { background: #ef8f00; } .Crashed { background: #c62828; }
-.Shutoff, .Shutdown { background: #757575; } .PMSuspended, .Blocked { background: #5c6bc0; }
-.stale { color: #c62828; font-weight: bold; margin-left: 4px; }
-section { margin-top: 16px; }
-#detail { display: none; background: #fff; border: 1px solid #ddd; padding: 8px 12px; }
-#charts { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; } figcaption { font-size: 12px; color: #555; }
-svg.chart { background: #fcfcfc; border: 1px solid #e4e4e4; }
-ul#feed, ul#domain-events { list-style: none; padding: 0; margin: 0; font-family: monospace; font-size: 12px; }
-ul#feed li, ul#domain-events li { border-bottom: 1px solid #eee; padding: 2px 0; }
-.muted { color: #777; }
-"""
+# -- the routes -----------------------------------------------------------------------
+#
+# A route's handler gets the request (the Handler: its agent, its headers) and the
+# checked query parameters, then the path's <segments>; it returns (status,
+# content type, body, headers), or None once it has answered itself (a stream).
 
-PAGE_SCRIPT = r"""
-"use strict";
-var COLUMNS = [   // [key, heading, kind]
-  ["name", "Name", "text"], ["state", "State", "text"], ["vcpus", "vCPUs", "number"],
-  ["cpu_percent", "CPU %", "number"], ["memory_bytes", "Memory", "bytes"],
-  ["rss_bytes", "RSS", "bytes"], ["disk_read_bytes_per_second", "Disk read/s", "bytes"],
-  ["disk_write_bytes_per_second", "Disk write/s", "bytes"],
-  ["network_receive_bytes_per_second", "Net rx/s", "bytes"],
-  ["network_transmit_bytes_per_second", "Net tx/s", "bytes"], ["context", "Context", "text"]];
-// The state a lifecycle event leaves a domain in, shown before the next sample.
-var EVENT_STATES = {Started: "Running", Resumed: "Running", Suspended: "Paused",
-  Stopped: "Shutoff", Crashed: "Crashed", PMSuspended: "PMSuspended"};
-var view = {rows: [], sortKey: "name", sortUp: true, seq: -1, selected: null, events: [],
-  connects: 0};
-var interval = 1000;
-
-function $(id) { return document.getElementById(id); }
-function el(tag, text, className) {
-  var node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (className) node.className = className;
-  return node;
-}
-function bytes(n) {
-  if (n === null || n === undefined) return "";
-  var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
-  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : Math.round(n)) + " " + units[i];
-}
-function shown(value, kind) {
-  if (value === null || value === undefined) return "";
-  return kind === "bytes" ? bytes(value) : String(value);
-}
-function getJSON(url) {
-  return fetch(url, {credentials: "same-origin"}).then(function (r) {
-    if (!r.ok) throw new Error(url + ": " + r.status);
-    return r.json();
-  });
-}
-
-// -- the overview table -------------------------------------------------------
-function buildHead() {
-  var tr = $("head");
-  COLUMNS.forEach(function (c) {
-    var th = el("th", c[1], c[2] === "text" ? "text" : "");
-    th.dataset.key = c[0];
-    th.addEventListener("click", function () {
-      view.sortUp = view.sortKey === c[0] ? !view.sortUp : c[2] === "text";
-      view.sortKey = c[0];
-      render();
-    });
-    tr.appendChild(th);
-  });
-}
-function refresh() {
-  return getJSON("/api/v1.0/overview").then(function (doc) {
-    interval = Math.max(250, (doc.interval || 1) * 1000);
-    if (doc.seq === view.seq) return;
-    view.seq = doc.seq;
-    view.rows = doc.domains.map(function (values) {
-      var row = {};
-      doc.columns.forEach(function (name, i) { row[name] = values[i]; });
-      return row;
-    });
-    $("updated").textContent = doc.timestamp || "";
-    render();
-  }).catch(function (err) { $("updated").textContent = "update failed: " + err.message; });
-}
-var rowNodes = {};     // uuid -> its <tr>
-function rowNode(r) {
-  var tr = rowNodes[r.uuid];
-  if (!tr) {
-    tr = rowNodes[r.uuid] = el("tr", null, "row");
-    tr.dataset.uuid = r.uuid;
-    COLUMNS.forEach(function (c) { tr.appendChild(el("td", null, (c[2] === "text" ? "text " : "") + c[0])); });
-    tr.addEventListener("click", function () { location.hash = "vm=" + tr.dataset.uuid; });
-  }
-  COLUMNS.forEach(function (c, i) {
-    var td = tr.cells[i];
-    if (c[0] === "state") {
-      var shownState = r.state + (r.stale ? " stale" : "");
-      if (td.dataset.shown === shownState) return;
-      td.dataset.shown = shownState;
-      td.textContent = "";
-      td.appendChild(el("span", r.state, "badge " + r.state));
-      if (r.stale) td.appendChild(el("span", "stale", "stale"));
-    } else {
-      var text = shown(r[c[0]], c[2]);
-      if (td.textContent !== text) td.textContent = text;
-    }
-  });
-  return tr;
-}
-var renderPending = false;
-function renderSoon() {      // one render for a burst of events (a replay brings many)
-  if (renderPending) return;
-  renderPending = true;
-  setTimeout(function () { renderPending = false; render(); }, 0);
-}
-function render() {
-  var filter = $("filter").value.toLowerCase(), key = view.sortKey, up = view.sortUp ? 1 : -1;
-  var rows = view.rows.filter(function (r) {
-    return !filter || (r.name + " " + r.state + " " + r.context + " " + r.uuid)
-      .toLowerCase().indexOf(filter) >= 0;
-  });
-  rows.sort(function (a, b) {
-    var x = a[key], y = b[key];
-    if (x === y) return a.name < b.name ? -1 : 1;
-    if (x === null || x === undefined) return 1;
-    if (y === null || y === undefined) return -1;
-    return (x < y ? -1 : 1) * up;
-  });
-  // Rows are kept per domain and only their changed cells are written: with a
-  // thousand domains most values stay the same from one update to the next.
-  var body = $("overview").tBodies[0];
-  rows.forEach(function (r, i) {
-    var tr = rowNode(r);
-    if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
-  });
-  while (body.children.length > rows.length) body.removeChild(body.lastChild);
-  var present = {};
-  view.rows.forEach(function (r) { present[r.uuid] = true; });
-  Object.keys(rowNodes).forEach(function (uuid) { if (!present[uuid]) delete rowNodes[uuid]; });
-  $("summary").textContent = rows.length + " of " + view.rows.length + " domains";
-}
-
-// -- one domain ------------------------------------------------------------------
-function rates(history, pick) {      // [[t, per second], ...] of a counter's samples
-  var out = [];
-  for (var i = 1; i < history.length; i++) {
-    var t0 = Date.parse(history[i - 1].timestamp), t1 = Date.parse(history[i].timestamp);
-    var a = pick(history[i - 1]), b = pick(history[i]);
-    if (a !== null && b !== null && t1 > t0 && b >= a) out.push([t1, (b - a) * 1000 / (t1 - t0)]);
-  }
-  return out;
-}
-function sum(list, key) {
-  if (!list) return null;
-  return list.reduce(function (s, d) { return s + (d[key] || 0); }, 0);
-}
-function chart(title, series, format) {
-  var W = 320, H = 110, NS = "http://www.w3.org/2000/svg", colors = ["#1565c0", "#c62828",
-    "#2e7d32", "#ef8f00", "#6a1b9a", "#00838f"];
-  var points = [].concat.apply([], series.map(function (s) { return s.points; }));
-  var figure = el("figure");
-  var svg = document.createElementNS(NS, "svg");
-  svg.setAttribute("class", "chart"); svg.setAttribute("width", W); svg.setAttribute("height", H);
-  if (points.length) {
-    var t0 = points.reduce(function (m, p) { return Math.min(m, p[0]); }, Infinity);
-    var t1 = points.reduce(function (m, p) { return Math.max(m, p[0]); }, -Infinity);
-    var top = points.reduce(function (m, p) { return Math.max(m, p[1]); }, 0) || 1;
-    series.forEach(function (s, i) {
-      var line = document.createElementNS(NS, "polyline");
-      line.setAttribute("fill", "none");
-      line.setAttribute("stroke", colors[i % colors.length]);
-      line.setAttribute("points", s.points.map(function (p) {
-        return ((p[0] - t0) / Math.max(1, t1 - t0) * (W - 4) + 2).toFixed(1) + "," +
-          (H - 4 - p[1] / top * (H - 16)).toFixed(1);
-      }).join(" "));
-      svg.appendChild(line);
-    });
-    var label = document.createElementNS(NS, "text");
-    label.setAttribute("x", 4); label.setAttribute("y", 11); label.setAttribute("font-size", 10);
-    label.textContent = "max " + format(top);
-    svg.appendChild(label);
-  }
-  figure.appendChild(svg);
-  figure.appendChild(el("figcaption", title + ": " + series.map(function (s) {
-    var last = s.points[s.points.length - 1];
-    return s.name + " " + (last ? format(last[1]) : "-");
-  }).join(", ")));
-  return figure;
-}
-function percent(v) { return v.toFixed(1) + " %"; }
-function perSecond(v) { return bytes(v) + "/s"; }
-function drawCharts(history) {
-  var box = $("charts"), vcpus = [], steal = [];
-  var n = (history.length && history[history.length - 1].cpu &&
-           history[history.length - 1].cpu.per_cpu_usage || []).length;
-  for (var i = 0; i < n; i++) {
-    (function (i) {
-      function cpu(key) {
-        return function (h) {
-          var c = h.cpu && h.cpu.per_cpu_usage && h.cpu.per_cpu_usage[i];
-          return c && c[key] !== undefined ? c[key] : null;
-        };
-      }
-      // JSON CPU times are in ms: a rate of ms per second / 10 is percent of a core
-      vcpus.push({name: "vCPU " + i, points: rates(history, cpu("vcpu_time")).map(pct)});
-      steal.push({name: "vCPU " + i, points: rates(history, cpu("delay_time")).map(pct)});
-    })(i);
-  }
-  function pct(p) { return [p[0], p[1] / 10]; }
-  function kib(m, key) { return m && typeof m[key] === "number" ? m[key] * 1024 : null; }
-  var full = history.filter(function (h) { return h.stats_age === 0; });
-  function value(pick) {
-    return history.map(function (h) { return [Date.parse(h.timestamp), pick(h)]; })
-      .filter(function (p) { return p[1] !== null && p[1] !== undefined; });
-  }
-  var charts = [
-    chart("CPU per vCPU", vcpus, percent),
-    chart("Steal (waiting for a host CPU)", steal, percent),
-    chart("Memory", [
-      {name: "assigned", points: value(function (h) { return kib(h.memory, "actual"); })},
-      {name: "RSS", points: value(function (h) { return kib(h.memory, "rss"); })}], bytes),
-    // disks are read at the full reads only (stats_age 0): their rates span those
-    chart("Disk", [
-      {name: "read", points: rates(full, function (h) { return sum(h.diskio, "rd_bytes"); })},
-      {name: "write", points: rates(full, function (h) { return sum(h.diskio, "wr_bytes"); })}],
-      perSecond),
-    chart("Network", [
-      {name: "rx", points: rates(history, function (h) {
-        return sum(h.network && h.network.interfaces, "rx_bytes"); })},
-      {name: "tx", points: rates(history, function (h) {
-        return sum(h.network && h.network.interfaces, "tx_bytes"); })}], perSecond)];
-  box.textContent = "";
-  charts.forEach(function (c) { box.appendChild(c); });
-}
-function attr(node, path) {      // a spec value: {"value": ...} or a plain value
-  path.split(".").forEach(function (k) { node = node && node[k]; });
-  return node && typeof node === "object" ? node.value : node;
-}
-var UNITS = {b: 1, bytes: 1, k: 1024, KiB: 1024, M: 1048576, MiB: 1048576,
-  G: 1073741824, GiB: 1073741824, KB: 1000, MB: 1e6, GB: 1e9};
-function memory(m) {             // a spec's {"unit": "KiB", "value": 32768} in bytes
-  return m ? Number(m.value) * (UNITS[m.unit || "KiB"] || 1024) : null;
-}
-function showSpec(spec) {
-  var list = $("spec");
-  list.textContent = "";
-  function item(text) { list.appendChild(el("li", text)); }
-  item("vCPUs: " + (attr(spec, "vcpu") || "?") + ", memory: " + bytes(memory(spec.memory)) +
-       (spec.currentMemory ? " (current " + bytes(memory(spec.currentMemory)) + ")" : ""));
-  (spec.devices || []).forEach(function (d) {
-    if (d.family === "disk") {
-      var source = d.source ? (d.source.file || d.source.dev || d.source.name ||
-                               d.source.volume || JSON.stringify(d.source)) : "(none)";
-      item("disk " + attr(d, "target.dev") + " (" + (d.device || "disk") + "): " + source);
-    } else if (d.family === "interface") {
-      item("NIC " + (attr(d, "target.dev") || "") + " " + (attr(d, "mac.address") || "") +
-           " (" + (d.type || "") + (attr(d, "model.type") ? ", " + attr(d, "model.type") : "") + ")");
-    }
-  });
-}
-function showDomainEvents() {
-  var list = $("domain-events");
-  list.textContent = "";
-  view.events.filter(function (e) { return e.domain_id === view.selected; }).slice(-20)
-    .reverse().forEach(function (e) { list.appendChild(el("li", describe(e))); });
-}
-function refreshDetail() {
-  if (!view.selected) return Promise.resolve();
-  var uuid = view.selected;
-  return getJSON("/api/v1.0/stats/" + uuid).then(function (doc) {
-    if (uuid === view.selected) drawCharts(doc[uuid] || []);
-  }).catch(function () {});
-}
-function select() {
-  var m = /^#vm=([0-9a-f-]{36})$/.exec(location.hash);
-  view.selected = m ? m[1] : null;
-  $("detail").style.display = m ? "block" : "none";
-  if (!m) return;
-  var row = view.rows.filter(function (r) { return r.uuid === view.selected; })[0];
-  $("detail-name").textContent = row ? row.name : view.selected;
-  $("detail-uuid").textContent = view.selected;
-  $("spec").textContent = "";
-  getJSON("/api/v1.0/specs/" + view.selected).then(showSpec).catch(function (err) {
-    $("spec").appendChild(el("li", "no spec: " + err.message, "muted"));
-  });
-  showDomainEvents();
-  refreshDetail();
-}
-
-// -- the event feed ----------------------------------------------------------------
-function describe(e) {
-  return e.timestamp + "  " + e.domain_name + "  " + e.event_type +
-    (e.reason ? "/" + e.reason : "") + (e.details ? "  " + JSON.stringify(e.details) : "");
-}
-function onEvent(e) {
-  view.events.push(e);
-  if (view.events.length > 500) view.events.shift();
-  var feed = $("feed");
-  feed.insertBefore(el("li", describe(e)), feed.firstChild);
-  while (feed.childNodes.length > 100) feed.removeChild(feed.lastChild);
-  var state = EVENT_STATES[e.event_type];
-  if (state) {
-    view.rows.forEach(function (r) { if (r.uuid === e.domain_id) r.state = state; });
-    renderSoon();
-  }
-  if (e.domain_id === view.selected) showDomainEvents();
-}
-function listen() {
-  // The last 15 minutes first; after a reconnect the browser sends Last-Event-ID
-  // and the agent replays what was missed.
-  var since = new Date(Date.now() - 15 * 60 * 1000).toISOString();
-  var source = new EventSource("/api/v1.0/events?start_time=" + encodeURIComponent(since));
-  source.onmessage = function (m) { onEvent(JSON.parse(m.data)); };
-  source.onopen = function () { view.connects++; $("feed-state").textContent = "live"; };
-  source.onerror = function () {
-    $("feed-state").textContent = "reconnecting";
-    // A refused stream (503 at --max-streams, 401) is not retried by the
-    // browser: start a new one a little later.
-    if (source.readyState === EventSource.CLOSED) setTimeout(listen, 5000);
-  };
-}
-
-function loop() {
-  Promise.all([refresh(), refreshDetail()]).then(function () { setTimeout(loop, interval); });
-}
-buildHead();
-$("filter").addEventListener("input", render);
-window.addEventListener("hashchange", select);
-refresh().then(select);
-setTimeout(loop, interval);
-listen();
-"""
-
-PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vadvisor %(host)s</title>
-<style>%(style)s</style></head>
-<body>
-<header><h1>vadvisor</h1> <span>%(version)s, libvirt at <code>%(uri)s</code></span>
-<nav>
-<a href="/metrics">/metrics</a>
-<a href="/healthz">/healthz</a>
-<a href="/api/v1.0/stats/">/api/v1.0/stats/</a>
-<a href="/api/v1.0/specs/">/api/v1.0/specs/</a>
-<a href="/api/v1.0/events">/api/v1.0/events</a>
-<a href="/api/v1.0/overview">/api/v1.0/overview</a>
-</nav></header>
-<main>
-<p><input id="filter" type="search" placeholder="filter: name, state, context"><span id="summary"></span>
-<span class="muted">updated <span id="updated">-</span></span></p>
-<section id="detail"><h2><span id="detail-name"></span> <small class="muted" id="detail-uuid"></small>
-<a href="#">close</a></h2>
-<div id="charts"></div>
-<h3>Spec</h3><ul id="spec"></ul>
-<h3>Recent events</h3><ul id="domain-events"></ul></section>
-<div class="scroll"><table id="overview"><thead><tr id="head"></tr></thead><tbody></tbody></table></div>
-<section><h2>Events <small class="muted" id="feed-state">connecting</small></h2><ul id="feed"></ul></section>
-</main>
-<noscript>This page needs JavaScript; the links above work without it.</noscript>
-<script>%(script)s</script>
-</body></html>
-"""
+def json_body(obj):
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def csp_hash(text):
-    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+HTML_TYPE = "text/html; charset=utf-8"
 
 
-PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
-            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-            % (csp_hash(PAGE_SCRIPT), csp_hash(PAGE_STYLE)))
+def serve_page(request, params):
+    return 200, HTML_TYPE, request.agent.page(), PAGE_HEADERS
 
 
-def page_html(version, uri):
-    """The page; the only values put in by the server are the operator's own."""
-    return PAGE % {"host": html_escape(platform.node()), "style": PAGE_STYLE,
-                   "script": PAGE_SCRIPT, "version": html_escape(version),
-                   "uri": html_escape(uri)}
+def serve_overview(request, params):
+    return 200, "application/json", request.agent.overview_body(), ()
+
+
+def serve_metrics(request, params):
+    openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
+    want_gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+    body = request.agent.metrics_body(openmetrics, want_gzip)
+    headers = [("Content-Encoding", "gzip")] if want_gzip else []
+    headers.append(("Vary", "Accept, Accept-Encoding"))
+    return 200, OPENMETRICS_TYPE if openmetrics else PROMETHEUS_TYPE, body, headers
+
+
+def serve_health(request, params):
+    ok, state = request.agent.health()
+    return 200 if ok else 503, "application/json", json_body(state), ()
+
+
+def serve_stats(request, params, key=None):
+    """{uuid: [sample, ...]} from the history, oldest first; with live=true one fresh
+    sample per domain (concurrent callers share one libvirt call)."""
+    agent = request.agent
+    uuid = None
+    if key is not None:
+        uuid = canonical_uuid(unquote(key))
+        if uuid is None:
+            raise HTTPError(404, "not a domain uuid: %r" % unquote(key))
+    history = agent.loop.history
+    if params.get("live"):
+        sample = agent.fresh_sample()
+        text = stats_text((u, [history.render(sample.time, *history.compact(st))])
+                          for u, _name, st in sample.domains if uuid is None or u == uuid)
+    else:
+        text = stats_text((u, [history.render(*record) for record in records])
+                          for u, records in history.get(uuid).items())
+    if text is None and uuid is not None:
+        raise HTTPError(404, "no stats for domain %s" % uuid)
+    return 200, "application/json", (text or "{}").encode("utf-8") + b"\n", ()
+
+
+def serve_specs(request, params, key=None):
+    """Every domain's spec, or one by uuid or name; a miss waits for one fresh sample."""
+    agent = request.agent
+    if key is None:
+        return 200, "application/json", json_body(agent.specs.all()), ()
+    key = unquote(key)
+    spec = agent.specs.get(key)
+    if spec is None:
+        sample = agent.fresh_sample(started_after=True)
+        spec = agent.specs.get(key, sample.seq, agent.live_timeout())
+    if spec is None:
+        raise HTTPError(404, "no domain with uuid or name %r" % key)
+    return 200, "application/json", json_body(spec), ()
+
+
+EVENT_PARAMS = dict([("stream", boolean), ("start_time", iso_time), ("end_time", iso_time),
+                     ("max_events", event_count), ("all_events", boolean),
+                     ("since", event_id)] + [(name, boolean) for name in EVENT_FILTERS])
+
+
+def serve_events(request, params):
+    """History (newline-delimited JSON), or a live stream (NDJSON or SSE) that
+    replays from since= (or Last-Event-ID) or start_time= first."""
+    hub = request.agent.hub
+    sse = "text/event-stream" in request.headers.get("Accept", "")
+    streaming = params.get("stream", sse)
+    since = resume_after(request, params, streaming)
+    selected = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is True)
+    excluded = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is False)
+    only = selected if selected and not params.get("all_events") else None
+    if not streaming:
+        wanted = EventFilter(only, excluded, params.get("start_time"),
+                             params.get("end_time"), since)
+        found = hub.history(wanted, params.get("max_events", 10))
+        return 200, "application/x-ndjson", "".join(e.json + "\n" for e in found).encode(), ()
+    for name in ("end_time", "max_events"):
+        if name in params:
+            raise HTTPError(400, "parameter %r does not apply to stream=true" % name)
+    replay = None
+    if since is not None or "start_time" in params:
+        replay = EventFilter(only, excluded, params.get("start_time"), None, since)
+    request.stream_events(EventFilter(only, excluded), replay, sse, since or 0)
+    return None
+
+
+def resume_after(request, params, streaming):
+    """The event id to resume after: since=, else (a stream's) Last-Event-ID, by the
+    hub's resume rule; None for neither."""
+    since = params.get("since")
+    if since is None and streaming and request.headers.get("Last-Event-ID"):
+        try:
+            since = event_id(request.headers["Last-Event-ID"].strip())
+        except ValueError:
+            raise HTTPError(400, "header Last-Event-ID must be an event id")
+    return None if since is None else request.agent.hub.resume_point(since)
+
+
+class Route(object):
+    """One endpoint: its path as the README documents it ('<name>' stands for a
+    path segment, handed to the handler; slash: a trailing '/' may be there or
+    not), its handler, the query parameters it takes (name -> parser: any other
+    is a 400), the content types it answers with (besides a JSON error), its
+    Cache-Control, and whether the page's header links it."""
+
+    def __init__(self, path, handler, types, params=None, cache=None, link=False,
+                 slash=False):
+        self.path, self.handler, self.types, self.params = path, handler, types, params or {}
+        self.cache, self.link = cache, link
+        literal = path.rstrip("/") if slash else path
+        pattern = "([^/]+)".join(re.escape(part) for part in re.split(r"<[^>]+>", literal))
+        self.regex = re.compile("^%s%s$" % (pattern, "/?" if slash else ""))
+
+
+JSON = ("application/json",)
+ROUTES = (
+    Route("/", serve_page, (HTML_TYPE,), cache="no-cache"),
+    Route("/ui", serve_page, (HTML_TYPE,), cache="no-cache"),
+    Route("/metrics", serve_metrics, (PROMETHEUS_TYPE, OPENMETRICS_TYPE), link=True),
+    Route("/healthz", serve_health, JSON, link=True),
+    Route("/api/v1.0/stats/", serve_stats, JSON, {"live": boolean}, slash=True, link=True),
+    Route("/api/v1.0/stats/<uuid>", serve_stats, JSON, {"live": boolean}),
+    Route("/api/v1.0/specs/", serve_specs, JSON, slash=True, link=True),
+    Route("/api/v1.0/specs/<uuid-or-name>", serve_specs, JSON),
+    Route("/api/v1.0/events", serve_events, ("application/x-ndjson", "text/event-stream"),
+          EVENT_PARAMS, slash=True, link=True),
+    Route("/api/v1.0/overview", serve_overview, JSON, cache="no-store", slash=True, link=True),
+)
+
+
+def find_route(path):
+    """(route, its path segments) of a request's path; a 404 for none."""
+    for route in ROUTES:
+        match = route.regex.match(path)
+        if match:
+            return route, match.groups()
+    raise HTTPError(404, "no such endpoint: %s" % path)
 
 
 class Handler(BaseHTTPRequestHandler):
+    """HTTP plumbing: every request goes to its route (find_route), with the same
+    checks for all: no body, the credentials, the query parameters."""
+
     server_version = "vadvisor/" + VERSION
     protocol_version = "HTTP/1.1"
     timeout = 10                # a client that connects and sends nothing is dropped
     agent = None                # set on the subclass main() builds
 
-    # -- plumbing --------------------------------------------------------------
     def log_message(self, fmt, *args):
         log.debug("%s %s", self.address_string(), escape_controls(fmt % args))
 
@@ -3964,31 +4042,11 @@ class Handler(BaseHTTPRequestHandler):
         """Errors found by BaseHTTPRequestHandler itself, answered as JSON."""
         self.close_connection = True
         try:
-            self.send_json(code, {"error": message or self.responses.get(code, ("",))[0]})
+            self.send_body(code, "application/json",
+                           json_body({"error": message or self.responses.get(code, ("",))[0]}))
         except OSError:
             pass
 
-    def send_body(self, status, content_type, body, headers=()):
-        """body: bytes, or a tuple of bytes written one after the other (a shared
-        cached part is sent as it is, never copied into a new body)."""
-        parts = body if isinstance(body, tuple) else (body,)
-        if self.request_version == "HTTP/0.9":  # errors found before the version was read
-            self.request_version = "HTTP/1.0"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            for part in parts:
-                self.wfile.write(part)
-
-    def send_json(self, status, obj, headers=()):
-        body = (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8")
-        self.send_body(status, "application/json", body, headers)
-
-    # -- methods -----------------------------------------------------------------
     def setup(self):
         BaseHTTPRequestHandler.setup(self)
         self.answered = False
@@ -4006,9 +4064,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.refuse_body()
             self.check_auth()
-            self.route()
+            self.answer()
         except HTTPError as err:
-            self.send_json(err.status, {"error": err.message}, err.headers)
+            self.send_body(err.status, "application/json", json_body({"error": err.message}),
+                           err.headers)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception as exc:    # a bug: say so, keep the worker
@@ -4016,14 +4075,45 @@ class Handler(BaseHTTPRequestHandler):
             log.debug("details", exc_info=True)
             self.close_connection = True
             if not self.answered:
-                self.send_json(500, {"error": "internal error; see the agent's log"})
+                self.send_body(500, "application/json",
+                               json_body({"error": "internal error; see the agent's log"}))
 
     do_HEAD = do_GET
 
+    def answer(self):
+        path, query = split_target(self.path)
+        route, segments = find_route(path)
+        answer = route.handler(self, parse_query(query, route.params), *segments)
+        if answer is not None:
+            status, content_type, body, headers = answer
+            assert content_type in route.types, (route.path, content_type)
+            if route.cache:
+                headers = tuple(headers) + (("Cache-Control", route.cache),)
+            self.send_body(status, content_type, body, headers)
+
+    def send_body(self, status, content_type, body, headers=()):
+        """body: bytes, or a tuple of bytes written one after the other (a shared
+        cached part is sent as it is, never copied into a new body)."""
+        parts = body if isinstance(body, tuple) else (body,)
+        if self.request_version == "HTTP/0.9":  # errors found before the version was read
+            self.request_version = "HTTP/1.0"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            for part in parts:
+                self.wfile.write(part)
+
     def refuse_method(self):
         self.close_connection = True    # its body, if any, is not read
-        self.send_json(405, {"error": "method %s not allowed" % self.command},
+        self.send_body(405, "application/json",
+                       json_body({"error": "method %s not allowed" % self.command}),
                        [("Allow", "GET, HEAD")])
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
 
     def refuse_body(self):
         """A body on GET would be read as the next request: refuse it and close.
@@ -4046,104 +4136,6 @@ class Handler(BaseHTTPRequestHandler):
         if not users.check(self.headers.get("Authorization", "")):
             raise HTTPError(401, "authentication required",
                             [("WWW-Authenticate", 'Basic realm="vadvisor", charset="UTF-8"')])
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
-
-    # -- routes --------------------------------------------------------------------
-    ROUTES = (
-        (r"/", "page"),
-        (r"/ui", "page"),
-        (r"/api/v1\.0/overview/?", "overview"),
-        (r"/metrics", "metrics"),
-        (r"/healthz", "healthz"),
-        (r"/api/v1\.0/stats/?", "stats"),
-        (r"/api/v1\.0/stats/(?P<key>[^/]+)", "stats"),
-        (r"/api/v1\.0/specs/?", "specs"),
-        (r"/api/v1\.0/specs/(?P<key>[^/]+)", "specs"),
-        (r"/api/v1\.0/events/?", "events"),
-    )
-    ROUTES = tuple((re.compile("^%s$" % pattern), name) for pattern, name in ROUTES)
-
-    def route(self):
-        path, query = split_target(self.path)
-        for pattern, name in self.ROUTES:
-            match = pattern.match(path)
-            if match:
-                return getattr(self, "route_" + name)(query, **match.groupdict())
-        raise HTTPError(404, "no such endpoint: %s" % path)
-
-    def route_page(self, query):
-        parse_query(query, {})
-        self.send_body(200, "text/html; charset=utf-8", self.agent.page(),
-                       [("Content-Security-Policy", PAGE_CSP), ("Cache-Control", "no-cache"),
-                        ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")])
-
-    def route_overview(self, query):
-        parse_query(query, {})
-        self.send_body(200, "application/json", self.agent.overview(),
-                       [("Cache-Control", "no-store")])
-
-    def route_healthz(self, query):
-        ok, state = self.agent.health()
-        self.send_json(200 if ok else 503, state)
-
-    def route_stats(self, query, key=None):
-        live = parse_query(query, {"live": boolean}).get("live", False)
-        uuid = None
-        if key is not None:
-            uuid = canonical_uuid(unquote(key))
-            if uuid is None:
-                raise HTTPError(404, "not a domain uuid: %r" % unquote(key))
-        text = self.agent.live_stats(uuid) if live else self.agent.stats(uuid)
-        if text is None and uuid is not None:
-            raise HTTPError(404, "no stats for domain %s" % uuid)
-        self.send_body(200, "application/json", (text or "{}").encode("utf-8") + b"\n")
-
-    def route_specs(self, query, key=None):
-        parse_query(query, {})
-        if key is None:
-            return self.send_json(200, self.agent.sampler.specs.all())
-        spec = self.agent.spec(unquote(key))
-        if spec is None:
-            raise HTTPError(404, "no domain with uuid or name %r" % unquote(key))
-        self.send_json(200, spec)
-
-    EVENT_PARAMS = dict([("stream", boolean), ("start_time", iso_time), ("end_time", iso_time),
-                         ("max_events", event_count), ("all_events", boolean),
-                         ("since", event_id)] + [(name, boolean) for name in EVENT_FILTERS])
-
-    def since(self, params, streaming):
-        """The id to resume after: since=, else (a stream's) Last-Event-ID, by the
-        hub's resume rule; None for neither."""
-        since = params.get("since")
-        if since is None and streaming and self.headers.get("Last-Event-ID"):
-            try:
-                since = event_id(self.headers["Last-Event-ID"].strip())
-            except ValueError:
-                raise HTTPError(400, "header Last-Event-ID must be an event id")
-        return None if since is None else self.agent.hub.resume_point(since)
-
-    def route_events(self, query):
-        params = parse_query(query, self.EVENT_PARAMS)
-        sse = "text/event-stream" in self.headers.get("Accept", "")
-        streaming = params.get("stream", sse)
-        since = self.since(params, streaming)
-        selected = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is True)
-        excluded = set(t for n, t in EVENT_FILTERS.items() if params.get(n) is False)
-        only = selected if selected and not params.get("all_events") else None
-        if not streaming:
-            wanted = EventFilter(only, excluded, params.get("start_time"),
-                                 params.get("end_time"), since)
-            events = self.agent.hub.history(wanted, params.get("max_events", 10))
-            body = "".join(e.json + "\n" for e in events).encode("utf-8")
-            return self.send_body(200, "application/x-ndjson", body)
-        for name in ("end_time", "max_events"):
-            if name in params:
-                raise HTTPError(400, "parameter %r does not apply to stream=true" % name)
-        replay = None
-        if since is not None or "start_time" in params:
-            replay = EventFilter(only, excluded, params.get("start_time"), None, since)
-        self.stream_events(EventFilter(only, excluded), replay, sse, since or 0)
 
     def stream_events(self, wanted, replay, sse, last):
         """Writes events as they come, one line (or SSE message) each, flushed at once."""
@@ -4197,15 +4189,6 @@ class Handler(BaseHTTPRequestHandler):
                     data = b"%x\r\n%s\r\n" % (len(data), data)
                 self.wfile.write(data)
         return send
-
-    def route_metrics(self, query):
-        accept = self.headers.get("Accept", "")
-        openmetrics = "application/openmetrics-text" in accept
-        want_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
-        body = self.agent.metrics_body(openmetrics, want_gzip)
-        headers = [("Content-Encoding", "gzip")] if want_gzip else []
-        headers.append(("Vary", "Accept, Accept-Encoding"))
-        self.send_body(200, OPENMETRICS_TYPE if openmetrics else PROMETHEUS_TYPE, body, headers)
 
 
 def split_target(target):
@@ -4473,7 +4456,7 @@ class SystemdNotifier(object):
 
 
 # =============================================================================
-# CLI and main()
+# Command line and main()
 # =============================================================================
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -4557,7 +4540,8 @@ def build_parser():
     p.add_argument("--client-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                    help="drop an HTTP client that sends nothing for this long (default: %(default)s)")
     p.add_argument("--once", action="store_true",
-                   help="take one sample, print it as Prometheus text and exit")
+                   help="take one sample, print every family /metrics would show for it "
+                        "as Prometheus text and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     p.add_argument("--version", action="version", version="vadvisor " + VERSION)
     return p
@@ -4618,6 +4602,19 @@ def collect_groups(text):
     return tuple(groups)
 
 
+def few_malloc_arenas(count=2):
+    """Caps the C library's malloc arenas (glibc; elsewhere nothing happens).  glibc
+    gives threads arenas of their own, up to eight per core, and each keeps the
+    memory it once held: the HTTP server's thread per connection would grow the
+    agent's RSS by some 12 MB under many clients, for no speed (Python's lock makes
+    the threads take turns anyway).  Called before any thread starts."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-8, count)    # M_ARENA_MAX
+    except (ImportError, OSError, AttributeError) as exc:
+        log.debug("malloc arenas not capped: %s", exc)
+
+
 def allow_open_files():
     """Raise the soft limit of open files to the hard one (at most 65,536): the
     kernel tier keeps a few files open per running domain, besides the
@@ -4637,16 +4634,76 @@ def setup_logging(verbose):
         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
-def run_once(args, table):
-    hypervisor = Hypervisor(args.connect)
-    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
-                      timeout=args.libvirt_timeout, source="libvirt")
+def build_agent(args, users=None, once=False):
+    """The agent's parts, wired: once, for --once (no events, no StatsD, the specs
+    read at once, every value through libvirt)."""
+    registry = Registry(args.collect, args.metadata_label)
+    store = DomainStore(args.down_minutes * 60, args.history)
+    call = LibvirtCaller(args.libvirt_timeout)
+    hypervisor = Hypervisor(args.connect, events=not once)
+    specs = SpecReader(call, store, args.metadata_label, inline=once)
+    pacer = Pacer(args.interval, args.full_interval)
+    sampler = Sampler(hypervisor, call, store, registry, stats_groups(args.collect),
+                      pacer.full_interval, pacer.rolling, "libvirt" if once else args.source,
+                      JobWatch(call, store), specs)
+    loop = SampleLoop(sampler, pacer, History(registry, store, args.history, args.interval),
+                      hypervisor, call)
+    hub = statsd = None
+    if not once:
+        hub = EventHub(args.event_history, args.event_max_age, args.max_streams)
+        if args.statsd_host:
+            statsd = StatsdEmitter(loop, registry, args.statsd_host, args.statsd_port,
+                                   args.statsd_interval, args.statsd_prefix, args.statsd_tags,
+                                   args.statsd_max_packet)
+    agent = Agent(args, hypervisor, call, store, registry, loop, specs, hub, statsd, users)
+    if hub is not None:
+        watch_events(agent)
+    return agent
+
+
+def watch_events(agent):
+    """What each event means for its domain, kept in its record: counted, its XML
+    and its values read again, a job looked for."""
+    hub, store, registry = agent.hub, agent.store, agent.registry
+
+    def on_lifecycle(name, uuid, event, detail):
+        item = hub.publish(name, uuid, event, detail)
+        store.lifecycle(uuid, name, item.ms / 1000.0)
+        store.count(uuid, name, registry.event_series(item.type, {}))
+        store.mark_spec(uuid, name)     # its XML may have changed
+        store.want_full(uuid)           # and its devices: a full read next round
+
+    def on_event(name, uuid, event_type, reason, details):
+        if event_type == "IOError":     # joins with the disk families by target
+            record = store.get(uuid)
+            target = disk_target(record.spec if record else None, details.get("device"))
+            if target:
+                details["target"] = target
+        hub.record(name, uuid, event_type, reason, details)
+        store.count(uuid, name, registry.event_series(event_type, details))
+        if event_type == "JobCompleted":
+            store.job_completed(uuid, name, details, time.time())
+        if event_type == "MigrationIteration":
+            store.hint(uuid)            # a migration runs: its progress every round
+        if event_type in XML_CHANGE_EVENTS:
+            store.mark_spec(uuid, name)     # metadata or devices changed
+            store.want_full(uuid)           # a device's counters too: a full read next round
+
+    agent.hypervisor.on_lifecycle = on_lifecycle
+    agent.hypervisor.on_event = on_event
+    agent.sampler.jobs.on_end = lambda name, uuid, operation, result: store.count(
+        uuid, name, registry.job_ended(operation, result))
+
+
+def run_once(args):
+    """--once: one sample, every family /metrics would show for it, on stdout."""
+    agent = build_agent(args, once=True)
     try:
-        sample = sampler.sample()
+        sample = agent.loop.once()
     except (libvirt.libvirtError, Stuck) as exc:
         sys.stderr.write("vadvisor: cannot read libvirt at %s: %s\n" % (args.connect, exc))
         return 1
-    sys.stdout.write(PrometheusFormatter(table).render(sample))
+    sys.stdout.write(agent.exposition.render(agent, sample))
     return 0
 
 
@@ -4699,42 +4756,13 @@ def main(argv=None):
                          "(install python3-libvirt)\n")
         return 1
     silence_libvirt()
-    table = MetricTable(collect=args.collect)
     if args.once:
-        return run_once(args, table)
+        return run_once(args)
 
     allow_open_files()
+    few_malloc_arenas()
     start_event_loop()
-    hub = EventHub(args.event_history, args.event_max_age, args.max_streams)
-
-    def on_lifecycle(name, uuid, event, detail):
-        hub.publish(name, uuid, event, detail)
-        sampler.specs.mark(uuid)    # its XML may have changed
-        sampler.refresh.add(uuid)   # and its devices: a full read next round
-
-    def on_event(name, uuid, event_type, reason, details):
-        if event_type == "IOError":     # joins with the disk families by target
-            target = disk_target(sampler.specs.peek(uuid), details.get("device"))
-            if target:
-                details["target"] = target
-        hub.record(name, uuid, event_type, reason, details)
-        if event_type == "MigrationIteration":
-            sampler.jobs.hints.add(uuid)    # a migration runs: its progress every round
-        if event_type in XML_CHANGE_EVENTS:
-            sampler.specs.mark(uuid)    # metadata or devices changed
-            sampler.refresh.add(uuid)   # a device's counters too: a full read next round
-
-    hypervisor = Hypervisor(args.connect, on_lifecycle, events=True)
-    hypervisor.on_event = on_event
-    sampler = Sampler(hypervisor, table, stats_groups(args.collect), args.interval,
-                      args.history, args.down_minutes * 60, timeout=args.libvirt_timeout,
-                      full_interval=args.full_interval, source=args.source,
-                      metadata_labels=args.metadata_label)
-    statsd = None
-    if args.statsd_host:
-        statsd = StatsdEmitter(sampler, args.statsd_host, args.statsd_port, args.statsd_interval,
-                               args.statsd_prefix, args.statsd_tags, args.statsd_max_packet)
-    agent = Agent(args, hypervisor, sampler, PrometheusFormatter(table), hub, statsd, users)
+    agent = build_agent(args, users)
     handler = type("AgentHandler", (Handler,), {"agent": agent, "timeout": args.client_timeout})
     try:
         server = make_server(args.listen, args.port, handler, tls, args.max_connections)
@@ -4747,7 +4775,7 @@ def main(argv=None):
     def shutdown(signum, _frame):
         log.info("signal %d: shutting down", signum)
         notifier.stopping()
-        hub.close()     # ends every event stream
+        agent.hub.close()       # ends every event stream
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
@@ -4755,18 +4783,415 @@ def main(argv=None):
     log.info("vadvisor %s listening on port %d, libvirt %s",
              VERSION, server.server_address[1], args.connect)
     notifier.ready(agent.status())      # the port is bound: READY before any beat
-    sampler.heartbeat = lambda: notifier.beat(agent.status)
-    sampler.jobs.on_end = hub.job_ended
-    sampler.jobs.completed_since = hub.job_completed_since
-    sampler.start()
-    if statsd is not None:
-        statsd.start()
+    agent.call.heartbeat = lambda: notifier.beat(agent.status)
+    agent.loop.start()
+    if agent.statsd is not None:
+        agent.statsd.start()
     server.serve_forever(poll_interval=0.2)
-    sampler.stop()
-    if statsd is not None:
-        statsd.stop()
+    agent.loop.stop()
+    if agent.statsd is not None:
+        agent.statsd.stop()
     server.server_close()
     return 0
+# =============================================================================
+# Appendix: the browser page
+# =============================================================================
+#
+# The page at / and /ui: HTML, CSS and JavaScript inline, nothing from elsewhere
+# (the host may be air-gapped).  Data only ever reaches the page as text
+# (textContent, SVG attributes): names and metadata are the guests' owners'
+# input.  The Content-Security-Policy admits this page's own script and style by
+# their hashes, and connections to this origin only.  The script knows no column
+# and no chart of its own: the overview describes its columns, and the page
+# carries the charts' spec (chart_spec); its header links the routes that say so.
+
+PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #fafafa; }
+header { background: #1f3a5f; color: #fff; padding: 8px 16px; }
+header h1 { font-size: 18px; margin: 0; display: inline; }
+header nav { display: inline; margin-left: 16px; }
+header a { color: #cde; margin-right: 10px; }
+main { padding: 8px 16px; }
+#summary { margin-left: 12px; color: #555; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
+th { cursor: pointer; background: #eef1f5; user-select: none; }
+th.text, td.text { text-align: left; }
+td.text { max-width: 24em; overflow: hidden; text-overflow: ellipsis; }
+.scroll { overflow-x: auto; }
+tr.row:hover { background: #f2f7ff; cursor: pointer; }
+.badge { padding: 1px 6px; border-radius: 3px; color: #fff; background: #888; }
+.Running { background: #2e7d32; } .Paused { background: #ef8f00; } .Crashed { background: #c62828; }
+.Shutoff, .Shutdown { background: #757575; } .PMSuspended, .Blocked { background: #5c6bc0; }
+.stale { color: #c62828; font-weight: bold; margin-left: 4px; }
+section { margin-top: 16px; }
+#detail { display: none; background: #fff; border: 1px solid #ddd; padding: 8px 12px; }
+#charts { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; } figcaption { font-size: 12px; color: #555; }
+svg.chart { background: #fcfcfc; border: 1px solid #e4e4e4; }
+ul#feed, ul#domain-events { list-style: none; padding: 0; margin: 0; font-family: monospace; font-size: 12px; }
+ul#feed li, ul#domain-events li { border-bottom: 1px solid #eee; padding: 2px 0; }
+.muted { color: #777; }
+"""
+
+PAGE_SCRIPT = r"""
+"use strict";
+// The overview's columns as it describes them (key, heading, kind), from its first
+// document on; kinds "key" and "flag" are not shown ("flag" marks the state).
+var COLUMNS = [];
+// The state a lifecycle event leaves a domain in, shown before the next sample.
+var EVENT_STATES = {Started: "Running", Resumed: "Running", Suspended: "Paused",
+  Stopped: "Shutoff", Crashed: "Crashed", PMSuspended: "PMSuspended"};
+var view = {rows: [], sortKey: "name", sortUp: true, seq: -1, selected: null, events: [],
+  connects: 0};
+var interval = 1000;
+
+function $(id) { return document.getElementById(id); }
+function el(tag, text, className) {
+  var node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+function bytes(n) {
+  if (n === null || n === undefined) return "";
+  var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : Math.round(n)) + " " + units[i];
+}
+function shown(value, kind) {
+  if (value === null || value === undefined) return "";
+  return kind === "bytes" ? bytes(value) : String(value);
+}
+function getJSON(url) {
+  return fetch(url, {credentials: "same-origin"}).then(function (r) {
+    if (!r.ok) throw new Error(url + ": " + r.status);
+    return r.json();
+  });
+}
+
+// -- the overview table -------------------------------------------------------
+function textual(c) { return c[2] === "text" || c[2] === "state"; }   // left-aligned, A to Z first
+function buildHead(doc) {
+  COLUMNS = doc.columns.map(function (key, i) { return [key, doc.headings[i], doc.kinds[i]]; })
+    .filter(function (c) { return c[2] !== "key" && c[2] !== "flag"; });
+  var tr = $("head");
+  COLUMNS.forEach(function (c) {
+    var th = el("th", c[1], textual(c) ? "text" : "");
+    th.dataset.key = c[0];
+    th.addEventListener("click", function () {
+      view.sortUp = view.sortKey === c[0] ? !view.sortUp : textual(c);
+      view.sortKey = c[0];
+      render();
+    });
+    tr.appendChild(th);
+  });
+}
+function refresh() {
+  return getJSON("/api/v1.0/overview").then(function (doc) {
+    interval = Math.max(250, (doc.interval || 1) * 1000);
+    if (doc.seq === view.seq) return;
+    if (!COLUMNS.length) buildHead(doc);
+    view.seq = doc.seq;
+    view.rows = doc.domains.map(function (values) {
+      var row = {};
+      doc.columns.forEach(function (name, i) { row[name] = values[i]; });
+      return row;
+    });
+    $("updated").textContent = doc.timestamp || "";
+    render();
+  }).catch(function (err) { $("updated").textContent = "update failed: " + err.message; });
+}
+var rowNodes = {};     // uuid -> its <tr>
+function rowNode(r) {
+  var tr = rowNodes[r.uuid];
+  if (!tr) {
+    tr = rowNodes[r.uuid] = el("tr", null, "row");
+    tr.dataset.uuid = r.uuid;
+    COLUMNS.forEach(function (c) { tr.appendChild(el("td", null, (textual(c) ? "text " : "") + c[0])); });
+    tr.addEventListener("click", function () { location.hash = "vm=" + tr.dataset.uuid; });
+  }
+  COLUMNS.forEach(function (c, i) {
+    var td = tr.cells[i];
+    if (c[2] === "state") {
+      var shownState = r.state + (r.stale ? " stale" : "");
+      if (td.dataset.shown === shownState) return;
+      td.dataset.shown = shownState;
+      td.textContent = "";
+      td.appendChild(el("span", r.state, "badge " + r.state));
+      if (r.stale) td.appendChild(el("span", "stale", "stale"));
+    } else {
+      var text = shown(r[c[0]], c[2]);
+      if (td.textContent !== text) td.textContent = text;
+    }
+  });
+  return tr;
+}
+var renderPending = false;
+function renderSoon() {      // one render for a burst of events (a replay brings many)
+  if (renderPending) return;
+  renderPending = true;
+  setTimeout(function () { renderPending = false; render(); }, 0);
+}
+function render() {
+  var filter = $("filter").value.toLowerCase(), key = view.sortKey, up = view.sortUp ? 1 : -1;
+  var rows = view.rows.filter(function (r) {
+    return !filter || (r.name + " " + r.state + " " + r.context + " " + r.uuid)
+      .toLowerCase().indexOf(filter) >= 0;
+  });
+  rows.sort(function (a, b) {
+    var x = a[key], y = b[key];
+    if (x === y) return a.name < b.name ? -1 : 1;
+    if (x === null || x === undefined) return 1;
+    if (y === null || y === undefined) return -1;
+    return (x < y ? -1 : 1) * up;
+  });
+  // Rows are kept per domain and only their changed cells are written: with a
+  // thousand domains most values stay the same from one update to the next.
+  var body = $("overview").tBodies[0];
+  rows.forEach(function (r, i) {
+    var tr = rowNode(r);
+    if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
+  });
+  while (body.children.length > rows.length) body.removeChild(body.lastChild);
+  var present = {};
+  view.rows.forEach(function (r) { present[r.uuid] = true; });
+  Object.keys(rowNodes).forEach(function (uuid) { if (!present[uuid]) delete rowNodes[uuid]; });
+  $("summary").textContent = rows.length + " of " + view.rows.length + " domains";
+}
+
+// -- one domain ------------------------------------------------------------------
+// The charts as the agent describes them (the spec in #charts' data-spec): each
+// series' place in a JSON sample, the factor to the chart's unit, whether a line
+// per vCPU; "rate" per second between records, "full rate" between the records of
+// full reads only (stats_age 0: the only ones whose disk counters moved).
+var CHARTS = JSON.parse($("charts").dataset.spec);
+var FORMATS = {percent: function (v) { return v.toFixed(1) + " %"; }, bytes: bytes,
+  "bytes/s": function (v) { return bytes(v) + "/s"; }};
+function rates(history, pick) {      // [[t, per second], ...] of a counter's samples
+  var out = [];
+  for (var i = 1; i < history.length; i++) {
+    var t0 = Date.parse(history[i - 1].timestamp), t1 = Date.parse(history[i].timestamp);
+    var a = pick(history[i - 1]), b = pick(history[i]);
+    if (a !== null && b !== null && t1 > t0 && b >= a) out.push([t1, (b - a) * 1000 / (t1 - t0)]);
+  }
+  return out;
+}
+function values(history, pick) {     // [[t, value], ...] of a gauge's samples
+  return history.map(function (h) { return [Date.parse(h.timestamp), pick(h)]; })
+    .filter(function (p) { return p[1] !== null; });
+}
+function at(node, path) {
+  path.forEach(function (k) { node = node === null || node === undefined ? node : node[k]; });
+  return typeof node === "number" ? node : null;
+}
+function devices(h, s) { var list = h; s.list.forEach(function (k) { list = list && list[k]; }); return list || []; }
+function reading(s, index) {         // a series' value in one record (a device's, or their sum)
+  return function (h) {
+    if (!s.list) { var v = at(h, s.field); return v === null ? null : v * s.factor; }
+    var found = devices(h, s);
+    if (index !== undefined) found = found[index] ? [found[index]] : [];
+    if (!found.length) return null;
+    return found.reduce(function (sum, d) { return sum + (at(d, s.field) || 0); }, 0) * s.factor;
+  };
+}
+function lines(history, c) {
+  var rows = c.how === "full rate" ? history.filter(function (h) { return h.stats_age === 0; }) : history;
+  var pick = c.how === "value" ? values : rates, out = [];
+  c.series.forEach(function (s) {
+    if (s.each) {
+      var last = history.length ? devices(history[history.length - 1], s) : [];
+      last.forEach(function (_, i) { out.push({name: s.name + " " + i, points: pick(rows, reading(s, i))}); });
+    } else {
+      out.push({name: s.name, points: pick(rows, reading(s))});
+    }
+  });
+  return out;
+}
+function chart(title, series, format) {
+  var W = 320, H = 110, NS = "http://www.w3.org/2000/svg", colors = ["#1565c0", "#c62828",
+    "#2e7d32", "#ef8f00", "#6a1b9a", "#00838f"];
+  var points = [].concat.apply([], series.map(function (s) { return s.points; }));
+  var figure = el("figure");
+  var svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("class", "chart"); svg.setAttribute("width", W); svg.setAttribute("height", H);
+  if (points.length) {
+    var t0 = points.reduce(function (m, p) { return Math.min(m, p[0]); }, Infinity);
+    var t1 = points.reduce(function (m, p) { return Math.max(m, p[0]); }, -Infinity);
+    var top = points.reduce(function (m, p) { return Math.max(m, p[1]); }, 0) || 1;
+    series.forEach(function (s, i) {
+      var line = document.createElementNS(NS, "polyline");
+      line.setAttribute("fill", "none");
+      line.setAttribute("stroke", colors[i % colors.length]);
+      line.setAttribute("points", s.points.map(function (p) {
+        return ((p[0] - t0) / Math.max(1, t1 - t0) * (W - 4) + 2).toFixed(1) + "," +
+          (H - 4 - p[1] / top * (H - 16)).toFixed(1);
+      }).join(" "));
+      svg.appendChild(line);
+    });
+    var label = document.createElementNS(NS, "text");
+    label.setAttribute("x", 4); label.setAttribute("y", 11); label.setAttribute("font-size", 10);
+    label.textContent = "max " + format(top);
+    svg.appendChild(label);
+  }
+  figure.appendChild(svg);
+  figure.appendChild(el("figcaption", title + ": " + series.map(function (s) {
+    var last = s.points[s.points.length - 1];
+    return s.name + " " + (last ? format(last[1]) : "-");
+  }).join(", ")));
+  return figure;
+}
+function drawCharts(history) {
+  var box = $("charts");
+  box.textContent = "";
+  CHARTS.forEach(function (c) { box.appendChild(chart(c.title, lines(history, c), FORMATS[c.unit])); });
+}
+function attr(node, path) {      // a spec value: {"value": ...} or a plain value
+  path.split(".").forEach(function (k) { node = node && node[k]; });
+  return node && typeof node === "object" ? node.value : node;
+}
+var UNITS = {b: 1, bytes: 1, k: 1024, KiB: 1024, M: 1048576, MiB: 1048576,
+  G: 1073741824, GiB: 1073741824, KB: 1000, MB: 1e6, GB: 1e9};
+function memory(m) {             // a spec's {"unit": "KiB", "value": 32768} in bytes
+  return m ? Number(m.value) * (UNITS[m.unit || "KiB"] || 1024) : null;
+}
+function showSpec(spec) {
+  var list = $("spec");
+  list.textContent = "";
+  function item(text) { list.appendChild(el("li", text)); }
+  item("vCPUs: " + (attr(spec, "vcpu") || "?") + ", memory: " + bytes(memory(spec.memory)) +
+       (spec.currentMemory ? " (current " + bytes(memory(spec.currentMemory)) + ")" : ""));
+  (spec.devices || []).forEach(function (d) {
+    if (d.family === "disk") {
+      var source = d.source ? (d.source.file || d.source.dev || d.source.name ||
+                               d.source.volume || JSON.stringify(d.source)) : "(none)";
+      item("disk " + attr(d, "target.dev") + " (" + (d.device || "disk") + "): " + source);
+    } else if (d.family === "interface") {
+      item("NIC " + (attr(d, "target.dev") || "") + " " + (attr(d, "mac.address") || "") +
+           " (" + (d.type || "") + (attr(d, "model.type") ? ", " + attr(d, "model.type") : "") + ")");
+    }
+  });
+}
+function showDomainEvents() {
+  var list = $("domain-events");
+  list.textContent = "";
+  view.events.filter(function (e) { return e.domain_id === view.selected; }).slice(-20)
+    .reverse().forEach(function (e) { list.appendChild(el("li", describe(e))); });
+}
+function refreshDetail() {
+  if (!view.selected) return Promise.resolve();
+  var uuid = view.selected;
+  return getJSON("/api/v1.0/stats/" + uuid).then(function (doc) {
+    if (uuid === view.selected) drawCharts(doc[uuid] || []);
+  }).catch(function () {});
+}
+function select() {
+  var m = /^#vm=([0-9a-f-]{36})$/.exec(location.hash);
+  view.selected = m ? m[1] : null;
+  $("detail").style.display = m ? "block" : "none";
+  if (!m) return;
+  var row = view.rows.filter(function (r) { return r.uuid === view.selected; })[0];
+  $("detail-name").textContent = row ? row.name : view.selected;
+  $("detail-uuid").textContent = view.selected;
+  $("spec").textContent = "";
+  getJSON("/api/v1.0/specs/" + view.selected).then(showSpec).catch(function (err) {
+    $("spec").appendChild(el("li", "no spec: " + err.message, "muted"));
+  });
+  showDomainEvents();
+  refreshDetail();
+}
+
+// -- the event feed ----------------------------------------------------------------
+function describe(e) {
+  return e.timestamp + "  " + e.domain_name + "  " + e.event_type +
+    (e.reason ? "/" + e.reason : "") + (e.details ? "  " + JSON.stringify(e.details) : "");
+}
+function onEvent(e) {
+  view.events.push(e);
+  if (view.events.length > 500) view.events.shift();
+  var feed = $("feed");
+  feed.insertBefore(el("li", describe(e)), feed.firstChild);
+  while (feed.childNodes.length > 100) feed.removeChild(feed.lastChild);
+  var state = EVENT_STATES[e.event_type];
+  if (state) {
+    view.rows.forEach(function (r) { if (r.uuid === e.domain_id) r.state = state; });
+    renderSoon();
+  }
+  if (e.domain_id === view.selected) showDomainEvents();
+}
+function listen() {
+  // The last 15 minutes first; after a reconnect the browser sends Last-Event-ID
+  // and the agent replays what was missed.
+  var since = new Date(Date.now() - 15 * 60 * 1000).toISOString();
+  var source = new EventSource("/api/v1.0/events?start_time=" + encodeURIComponent(since));
+  source.onmessage = function (m) { onEvent(JSON.parse(m.data)); };
+  source.onopen = function () { view.connects++; $("feed-state").textContent = "live"; };
+  source.onerror = function () {
+    $("feed-state").textContent = "reconnecting";
+    // A refused stream (503 at --max-streams, 401) is not retried by the
+    // browser: start a new one a little later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(listen, 5000);
+  };
+}
+
+function loop() {
+  Promise.all([refresh(), refreshDetail()]).then(function () { setTimeout(loop, interval); });
+}
+$("filter").addEventListener("input", render);
+window.addEventListener("hashchange", select);
+refresh().then(select);
+setTimeout(loop, interval);
+listen();
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vadvisor %(host)s</title>
+<style>%(style)s</style></head>
+<body>
+<header><h1>vadvisor</h1> <span>%(version)s, libvirt at <code>%(uri)s</code></span>
+<nav>
+%(links)s
+</nav></header>
+<main>
+<p><input id="filter" type="search" placeholder="filter: name, state, context"><span id="summary"></span>
+<span class="muted">updated <span id="updated">-</span></span></p>
+<section id="detail"><h2><span id="detail-name"></span> <small class="muted" id="detail-uuid"></small>
+<a href="#">close</a></h2>
+<div id="charts" data-spec="%(charts)s"></div>
+<h3>Spec</h3><ul id="spec"></ul>
+<h3>Recent events</h3><ul id="domain-events"></ul></section>
+<div class="scroll"><table id="overview"><thead><tr id="head"></tr></thead><tbody></tbody></table></div>
+<section><h2>Events <small class="muted" id="feed-state">connecting</small></h2><ul id="feed"></ul></section>
+</main>
+<noscript>This page needs JavaScript; the links above work without it.</noscript>
+<script>%(script)s</script>
+</body></html>
+"""
+
+
+
+def csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+            "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (csp_hash(PAGE_SCRIPT), csp_hash(PAGE_STYLE)))
+PAGE_HEADERS = (("Content-Security-Policy", PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
+                ("Referrer-Policy", "no-referrer"))
+
+
+def page_html(version, uri, charts):
+    """The page; the only values put in by the server are the operator's own and the
+    agent's (its routes, its charts)."""
+    links = "\n".join('<a href="%s">%s</a>' % (route.path, route.path)
+                      for route in ROUTES if route.link)
+    return PAGE % {"host": html_escape(platform.node()), "style": PAGE_STYLE,
+                   "script": PAGE_SCRIPT, "version": html_escape(version),
+                   "uri": html_escape(uri), "links": links,
+                   "charts": html_escape(json.dumps(charts, separators=(",", ":")))}
 
 
 if __name__ == "__main__":
