@@ -682,6 +682,59 @@ class CgroupCpu(object):
         return None
 
 
+PRESSURES = ("cpu", "memory", "io")
+
+
+class CgroupPressure(object):
+    """How long a domain's tasks stalled waiting for a CPU, memory or I/O: the
+    kernel's pressure stall information (PSI) of its cgroup, in cgroup v2 (unified,
+    or the unified part of a hybrid host), as totals in microseconds: 'some' (at
+    least one task waited) and 'full' (all of them did)."""
+
+    def __init__(self, directory):
+        self.files = []
+        try:
+            for kind in PRESSURES:
+                self.files.append((kind, KernelFile("%s/%s.pressure" % (directory, kind))))
+        except OSError:
+            self.close()
+            raise
+
+    def read(self):
+        """{pressure.<resource>.some|full: microseconds}."""
+        found = {}
+        for kind, kept in self.files:
+            for line in kept.read().splitlines():
+                share, _, fields = line.partition(b" ")
+                found["pressure.%s.%s" % (kind, share.decode("ascii", "replace"))] = int(
+                    fields.rpartition(b"total=")[2])
+        return found
+
+    def close(self):
+        for _, kept in self.files:
+            kept.close()
+
+    @classmethod
+    def of(cls, pid):
+        """The pressure files of the cgroup libvirt put the domain in, or (None, why not)."""
+        try:
+            with open("/proc/%d/cgroup" % pid) as f:
+                paths = [line.split(":", 2)[2] for line in f.read().splitlines()
+                         if line.split(":", 2)[1] == ""]
+        except (OSError, IndexError):
+            return None, "its /proc/PID/cgroup is not readable"
+        paths = [p[:-len("/emulator")] if p.endswith("/emulator") else p
+                 for p in paths if libvirt_cgroup(p)]
+        if not paths:
+            return None, "libvirt put the domain in no cgroup v2 group"
+        for root in CGROUP_ROOTS:
+            try:
+                return cls(root + paths[0]), None
+            except OSError as exc:
+                why = "%s: %s" % (exc.filename or root + paths[0], exc.strerror or exc)
+        return None, "no pressure file (a kernel without PSI, or booted with psi=0): " + why
+
+
 class QemuProcess(object):
     """One running domain's QEMU process and the kernel files that describe it."""
 
@@ -689,6 +742,7 @@ class QemuProcess(object):
         self.pid, self.start = pid, start
         self.stat = KernelFile("/proc/%d/stat" % pid)
         self.cgroup = CgroupCpu.of(pid)
+        self.pressure, self.no_pressure = CgroupPressure.of(pid)    # None: why not
         self.vcpus = {}             # vCPU index -> (task stat, task schedstat, task sched or None)
         self.vcpus_scanned = None   # the vCPU indexes looked for last time
 
@@ -727,6 +781,8 @@ class QemuProcess(object):
             cpu, user, system = ticks_ns(utime + stime), ticks_ns(utime), ticks_ns(stime)
         stats = {"cpu.time": cpu, "cpu.user": user, "cpu.system": system,
                  "balloon.rss": int(fields[21]) * PAGE_KIB}
+        if self.pressure is not None:
+            stats.update(self.pressure.read())
         if set(vcpus) - set(self.vcpus) and vcpus != self.vcpus_scanned:
             self.find_vcpus(vcpus)
         every_vcpu = True
@@ -749,8 +805,9 @@ class QemuProcess(object):
 
     def close(self):
         self.stat.close()
-        if self.cgroup is not None:
-            self.cgroup.close()
+        for kept in (self.cgroup, self.pressure):
+            if kept is not None:
+                kept.close()
         for files in self.vcpus.values():
             for f in files:
                 if f is not None:
@@ -1102,6 +1159,47 @@ def merge(now, libvirt, full_read, kernel=None, last_kernel=None, full=None, com
     return record, kept_full, kept_complete, wanted
 
 
+def guest_memory(stats, now):
+    """What the round's record says of the guest's own memory figures: where they come
+    from and why (guest: its balloon driver's statistics; host: none usable, so the
+    QEMU process's RSS stands in), their age, and the memory used in the guest.
+
+    Used in the guest is its total less what it can still use without swapping
+    (balloon available - usable: MemTotal - MemAvailable, what `free` calls used),
+    not available - unused: that counts the page cache the guest gives back on
+    demand, and a guest with a warm cache would look full.  A guest kernel without
+    'usable' (before Linux 4.x) gets available - unused - disk caches."""
+    found = {}
+    period, updated = stats.get("xml.balloon.period"), stats.get("balloon.last-update", 0)
+    if updated:
+        found["vadvisor.memory_stats_age"] = max(0.0, now - updated)
+    read_at = now - stats.get("vadvisor.stats_age", 0)     # of the full record the figures are in
+    if period is None:
+        source, reason = "host", "no_balloon"
+    elif not period:
+        source, reason = "host", "no_period"
+    elif not updated or "balloon.available" not in stats:
+        source, reason = "host", "not_reported"
+    elif read_at - updated > 3 * period:
+        source, reason = "host", "stale"
+    else:
+        source, reason = "guest", "reported"
+        free = stats.get("balloon.usable")
+        if free is None:
+            free = stats.get("balloon.unused", 0) + stats.get("balloon.disk_caches", 0)
+        found["vadvisor.memory_used"] = max(0, stats["balloon.available"] - free)
+    found["vadvisor.guest_memory.%s.%s" % (source, reason)] = 1
+    return found
+
+
+def balloon_period_set_since(stats, xml_read_at):
+    """Whether the guest reported its memory after the XML, read then, said no period:
+    one set live (virsh dommemstat --period) tells of itself by no event, so the XML is
+    read again.  Once read, a period really unset again stops the reports, and this."""
+    return stats.get("xml.balloon.period") == 0 and \
+        stats.get("balloon.last-update", 0) > xml_read_at
+
+
 class JobWatch(object):
     """The domains' running jobs (migration, save, dump, snapshot): jobStats() of
     each domain that has one, every fast round, and how each job ended.
@@ -1286,6 +1384,7 @@ class SpecReader(object):
                 log.warning("spec of %s is not valid XML: %s", uuid, exc)
                 continue
             record.spec = element_json(root)
+            record.xml, record.xml_read_at = domain_values(root), time.time()
             info = domain_info(root, self.metadata_labels)
             if info != record.info:
                 record.info = info
@@ -1326,8 +1425,9 @@ class DomainRecord(object):
         # its job (jobStats() and when first seen), a pause found without one, jobs
         # that ended and wait for their JobCompleted event
         "job", "idle_pause", "ending",
-        # the spec reader: the XML as JSON, its info families, whether to read it again
-        "spec", "info", "spec_stale",
+        # the spec reader: the XML as JSON, its numbers (domain_values) and when they
+        # were read, its info families, whether to read it again
+        "spec", "xml", "xml_read_at", "info", "spec_stale",
         # events: counts {(family, labels): n}, the latest JobCompleted's details and
         # when it came, when the latest lifecycle event came
         "tallies", "last_job", "completed_at", "changed_at",
@@ -1341,8 +1441,8 @@ class DomainRecord(object):
         self.gone_at = None         # when it left libvirt's list (Unix time)
         self.process = self.views = self.full = self.complete = self.job = None
         self.idle_pause = self.spec = self.info = self.last_job = self.changed_at = None
-        self.ring = None
-        self.look_again = self.due = self.completed_at = 0.0
+        self.ring = self.xml = None     # xml: None until the spec reader has read it
+        self.look_again = self.due = self.completed_at = self.xml_read_at = 0.0
         self.process_told = self.spec_stale = False
         self.kinds_told = frozenset()
         self.kernel, self.disk_errors, self.tallies = {}, {}, {}
@@ -1359,7 +1459,7 @@ class DomainRecord(object):
         its history and its name stay until the record is forgotten."""
         self.close()
         self.full = self.complete = self.views = None
-        self.kernel, self.disk_errors = {}, {}
+        self.kernel, self.disk_errors, self.xml = {}, {}, None
         self.due = self.look_again = 0.0
         self.process_told, self.kinds_told = False, frozenset()
         self.spec_stale = True
@@ -1502,10 +1602,10 @@ class Sample(object):
     value})], every value in libvirt's keys and units whichever tier read it."""
 
     __slots__ = ("seq", "time", "duration", "domains", "gone", "full", "kernel_domains",
-                 "through_libvirt")
+                 "through_libvirt", "host")
 
     def __init__(self, seq, when, duration, domains, gone=(), full=True, kernel_domains=0,
-                 through_libvirt=None):
+                 through_libvirt=None, host=None):
         self.seq = seq
         self.time = when
         self.duration = duration    # of the round's libvirt calls
@@ -1515,6 +1615,7 @@ class Sample(object):
         self.kernel_domains = kernel_domains    # running domains whose fast values the kernel gave, all
         # {kind: running domains whose values of that kind (KERNEL_KINDS) libvirt read}
         self.through_libvirt = through_libvirt or {}
+        self.host = host or {}  # the host beside its domains (Sampler.host_of)
 
 
 class Reading(object):
@@ -1557,6 +1658,7 @@ class Sampler(object):
         self.calls_total = 0
         self.busy_seconds = 0.0             # time spent in libvirt's stats calls
         self.full_reads_total = 0           # domains read with every group
+        self.host_read, self.host_due = {}, 0.0     # the host's CPUs and memory, when next
 
     def sample(self, seq, full=True):
         """Takes sample number seq (full: one bulk call of every group); raises
@@ -1592,7 +1694,29 @@ class Sampler(object):
         self.hypervisor.answered()
         self.specs.request(dict((r.record.uuid, r.dom) for r in readings), seq)
         return Sample(seq, started, duration, domains, self.store.departed(started), full,
-                      from_kernel, through_libvirt)
+                      from_kernel, through_libvirt, self.host_of(conn, domains, now))
+
+    def host_of(self, conn, domains, now):
+        """The host beside its domains: its CPUs and memory (getInfo, getMemoryStats:
+        local to libvirtd, no guest; read every --full-interval), what its active
+        (running or paused) domains are given of them."""
+        if now >= self.host_due:
+            self.host_due = now + self.full_interval
+            try:
+                info = self.call(conn.getInfo)
+                memory = self.call(conn.getMemoryStats, libvirt_constant(
+                    "VIR_NODE_MEMORY_STATS_ALL_CELLS") or -1, 0)
+                self.host_read = {"cpus": info[2], "memory_bytes": memory["total"] * KIB,
+                                  "memory_free_bytes": sum(memory.get(k, 0) for k in (
+                                      "free", "buffers", "cached")) * KIB}
+            except (libvirt.libvirtError, Stuck, KeyError, IndexError, TypeError) as exc:
+                log.debug("the host's CPUs and memory not read: %s", exc)
+        running = [stats for _, _, stats in domains
+                   if stats.get("state.state") not in INACTIVE_STATES]
+        return dict(self.host_read, running=len(running),
+                    vcpus=sum(int(st.get("vcpu.current", 0)) for st in running),
+                    memory_allocated_bytes=sum(int(st.get("balloon.current", 0))
+                                               for st in running) * KIB)
 
     def kernel_ready(self, conn):
         """True when this connection's running domains are read from the host kernel."""
@@ -1697,6 +1821,11 @@ class Sampler(object):
                 self.store.want_full(record.uuid)
             if r.kernel:
                 record.kernel = r.kernel
+            if r.active() and record.xml is not None:
+                stats.update(record.xml)
+                stats.update(guest_memory(stats, now))
+                if balloon_period_set_since(stats, record.xml_read_at):
+                    self.store.mark_spec(record.uuid, record.name)
             if kernel and r.active():
                 from_kernel += not r.missing
                 for kind in r.missing:
@@ -2106,7 +2235,7 @@ class Row(object):
 
 # Placeholders that stand for a word, not an index: <stat> goes into the name,
 # <error> becomes its label's value as it is.
-WORD_PLACEHOLDERS = ("stat", "error")
+WORD_PLACEHOLDERS = ("stat", "error", "source", "reason")
 
 
 def compile_field(field):
@@ -2161,6 +2290,25 @@ ROWS = (
         "Time the vCPU was runnable but waited for a host CPU (steal time), in seconds.", MS),
     Row("vcpu.<cpu>.halted", "vm_vcpu_halted", GAUGE, 1, ("cpu",), "cpu.per_cpu_usage[].halted",
         "1 when the vCPU is halted."),
+    # -- pressure: the host kernel's stall times (PSI) of the domain's cgroup -----
+    Row("pressure.cpu.some", "vm_pressure_cpu_waiting_seconds_total", COUNTER, 1e-6, (),
+        "pressure.cpu.waiting", "Time at least one of the domain's tasks was runnable but "
+        "waited for a host CPU (PSI 'some' of its cgroup), in seconds.", 1e-3),
+    Row("pressure.cpu.full", "vm_pressure_cpu_stalled_seconds_total", COUNTER, 1e-6, (),
+        "pressure.cpu.stalled", "Time all of the domain's runnable tasks waited for a host CPU "
+        "at once (PSI 'full'), in seconds.", 1e-3),
+    Row("pressure.memory.some", "vm_pressure_memory_waiting_seconds_total", COUNTER, 1e-6, (),
+        "pressure.memory.waiting", "Time at least one of the domain's tasks waited for memory "
+        "(reclaim, swap-in, refaults: PSI 'some'), in seconds.", 1e-3),
+    Row("pressure.memory.full", "vm_pressure_memory_stalled_seconds_total", COUNTER, 1e-6, (),
+        "pressure.memory.stalled", "Time all of the domain's tasks waited for memory at once "
+        "(thrashing: PSI 'full'), in seconds.", 1e-3),
+    Row("pressure.io.some", "vm_pressure_io_waiting_seconds_total", COUNTER, 1e-6, (),
+        "pressure.io.waiting", "Time at least one of the domain's tasks waited for I/O "
+        "(PSI 'some'), in seconds.", 1e-3),
+    Row("pressure.io.full", "vm_pressure_io_stalled_seconds_total", COUNTER, 1e-6, (),
+        "pressure.io.stalled", "Time all of the domain's tasks waited for I/O at once "
+        "(PSI 'full'), in seconds.", 1e-3),
     # -- memory (balloon) ----------------------------------------------------
     Row("balloon.current", "vm_memory_bytes", GAUGE, KIB, (), "memory.actual",
         "Memory currently assigned to the domain (balloon size), in bytes."),
@@ -2190,6 +2338,20 @@ ROWS = (
         "memory.hugetlb_pgfail", "Failed huge page allocations in the guest."),
     Row("balloon.last-update", "vm_memory_stats_updated_timestamp_seconds", GAUGE, 1, (),
         "memory.last_update", "When the guest last updated its balloon statistics, Unix time."),
+    # From the domain's XML and the sampler (guest_memory), not libvirt's statistics.
+    Row("xml.balloon.period", "vm_memory_stats_period_seconds", GAUGE, 1, (), "memory.stats_period",
+        "How often the guest's balloon driver reports its memory (<memballoon><stats period>); "
+        "0 where none is set: no in-guest figures then."),
+    Row("vadvisor.memory_stats_age", "vm_memory_stats_age_seconds", GAUGE, 1, (),
+        "memory.stats_age", "Age of the guest's latest balloon statistics when the sample was taken."),
+    Row("vadvisor.memory_used", "vm_memory_used_bytes", GAUGE, KIB, (), "memory.used",
+        "Memory used in the guest by its own count: total less what it can use without swapping "
+        "(MemTotal - MemAvailable), in bytes; where its statistics are usable."),
+    Row("vadvisor.guest_memory.<source>.<reason>", "vm_memory_guest_info", GAUGE, 1,
+        ("source", "reason"), None,
+        "Where the domain's memory figures come from (value 1): source guest, reason reported "
+        "(its balloon driver's statistics); or source host (the QEMU process's RSS stands in), "
+        "reason no_balloon, no_period, not_reported or stale (older than three periods)."),
     # -- network -------------------------------------------------------------
     Row("net.<interface>.rx.bytes", "vm_network_receive_bytes_total", COUNTER, 1, ("interface",),
         "network.interfaces[].rx_bytes", "Bytes received by the interface."),
@@ -2521,6 +2683,21 @@ OWN = (
     Own("vadvisor_libvirt_stuck_calls", GAUGE,
         "libvirt calls that outlived --libvirt-timeout and have not returned yet.",
         lambda a, s, now: _one(a.call.stuck)),
+    Own("vadvisor_host_cpus", GAUGE, "The host's logical CPUs (libvirt getInfo).",
+        lambda a, s, now: _one(s.host["cpus"]) if "cpus" in s.host else []),
+    Own("vadvisor_host_memory_bytes", GAUGE, "The host's memory (libvirt getMemoryStats).",
+        lambda a, s, now: _one(s.host["memory_bytes"]) if "memory_bytes" in s.host else []),
+    Own("vadvisor_host_memory_free_bytes", GAUGE,
+        "The host's memory free, in buffers or cached (libvirt getMemoryStats).",
+        lambda a, s, now: _one(s.host["memory_free_bytes"]) if "memory_free_bytes" in s.host
+        else []),
+    Own("vadvisor_host_active_domains", GAUGE, "Domains running or paused on the host.",
+        lambda a, s, now: _one(s.host.get("running", 0))),
+    Own("vadvisor_host_vcpus_allocated", GAUGE, "vCPUs of the active domains, together.",
+        lambda a, s, now: _one(s.host.get("vcpus", 0))),
+    Own("vadvisor_host_memory_allocated_bytes", GAUGE,
+        "Memory the active domains are given (their balloon sizes), together.",
+        lambda a, s, now: _one(s.host.get("memory_allocated_bytes", 0))),
     Own("vadvisor_events_total", COUNTER, "Domain events received, by type.",
         lambda a, s, now: _by("event_type", sorted(
             (a.hub.counts if a.hub else dict.fromkeys(ALL_EVENT_TYPES + ("Unknown",), 0)).items()))),
@@ -3119,15 +3296,22 @@ def put(where, path, value):
 # and a kind the page shows it by.  How a column is worked out: "value"; "rate":
 # per second between the two latest samples; "percent": the same, of one core;
 # "full rate": per second between the domain's two latest full reads (its disks
-# are read only then).
+# are read only then); "value or RSS": the value, or the domain's RSS where it has
+# none, which the "mark" column after it then says ("RSS", else "").  The page shows
+# a mark beside the column before it.
 OVERVIEW_FIXED = (      # (column, heading, kind)
     ("uuid", "uuid", "key"), ("name", "Name", "text"), ("state", "State", "state"),
     ("stale", "stale", "flag"), ("context", "Context", "text"))
 OVERVIEW_COLUMNS = (    # (column, family, how, heading, kind)
     ("vcpus", "vm_vcpus", "value", "vCPUs", "number"),
-    ("cpu_percent", "vm_cpu_seconds_total", "percent", "CPU %", "number"),
+    ("cpu_percent", "vm_cpu_seconds_total", "percent", "CPU %", "number"),   # host's cores used
+    ("cpu_pressure_percent", "vm_pressure_cpu_waiting_seconds_total", "percent", "CPU wait %",
+     "number"),
     ("memory_bytes", "vm_memory_bytes", "value", "Memory", "bytes"),
     ("rss_bytes", "vm_memory_rss_bytes", "value", "RSS", "bytes"),
+    # used in the guest, by its own count; where it has none, its RSS, marked so by the next
+    ("used_bytes", "vm_memory_used_bytes", "value or RSS", "Used in guest", "bytes"),
+    ("used_mark", "vm_memory_used_bytes", "mark", "", "mark"),
     ("disk_read_bytes_per_second", "vm_disk_read_bytes_total", "full rate", "Disk read/s", "bytes"),
     ("disk_write_bytes_per_second", "vm_disk_write_bytes_total", "full rate", "Disk write/s",
      "bytes"),
@@ -3146,6 +3330,10 @@ CHARTS = (
     ("CPU per vCPU", "percent", "rate", (("vCPU", "vm_vcpu_seconds_total"),)),
     ("Steal (waiting for a host CPU)", "percent", "rate",
      (("vCPU", "vm_vcpu_delay_seconds_total"),)),
+    ("Pressure (some task waited)", "percent", "rate",
+     (("CPU", "vm_pressure_cpu_waiting_seconds_total"),
+      ("memory", "vm_pressure_memory_waiting_seconds_total"),
+      ("I/O", "vm_pressure_io_waiting_seconds_total"))),
     ("Memory", "bytes", "value", (("assigned", "vm_memory_bytes"), ("RSS", "vm_memory_rss_bytes"))),
     ("Disk", "bytes/s", "full rate", (("read", "vm_disk_read_bytes_total"),
                                       ("write", "vm_disk_write_bytes_total"))),
@@ -3241,8 +3429,14 @@ class Overview(object):
             row = [uuid, name, enum_name(DOMAIN_STATES, stats.get("state.state")),
                    stats.get("vadvisor.stale", 0), contexts.get(uuid, "")]
             for _, family, how, _, _ in OVERVIEW_COLUMNS:
+                if how == "mark":       # the RSS stood in for the family's value
+                    stood_in = mine.get(family) is None and row[-1] is not None
+                    row.append("RSS" if stood_in else "")
+                    continue
                 if how == "value":
                     value = mine.get(family)
+                elif how == "value or RSS":
+                    value = mine.get(family, mine.get("vm_memory_rss_bytes"))
                 elif how == "full rate":
                     value = self.full_rate(uuid, family, sample.time, stats, mine,
                                            previous, earlier_stats.get(uuid), earlier)
@@ -3254,9 +3448,11 @@ class Overview(object):
         for uuid in [u for u in self.full_rates if u not in totals]:
             del self.full_rates[uuid]
         columns = [c[:1] + c[-2:] for c in OVERVIEW_FIXED + OVERVIEW_COLUMNS]
+        cpu = [row[len(OVERVIEW_FIXED) + 1] for row in rows]       # cpu_percent
+        host = dict(sample.host, cpu_cores_used=round(sum(c for c in cpu if c) / 100.0, 2))
         return {"timestamp": rfc3339(sample.time) if sample.time else None, "seq": sample.seq,
                 "columns": [c[0] for c in columns], "headings": [c[1] for c in columns],
-                "kinds": [c[2] for c in columns], "domains": rows}
+                "kinds": [c[2] for c in columns], "domains": rows, "host": host}
 
     def full_rate(self, uuid, family, when, stats, mine, previous, earlier_stats, earlier):
         """The rate of a counter read only at full reads, dated by their stats_age."""
@@ -3387,6 +3583,17 @@ def nic_source(nic):
         return "%s:%s:%s.%s" % tuple(address.get(k, "0x0")[2:].rjust(w, "0") for k, w in (
             ("domain", 4), ("bus", 2), ("slot", 2), ("function", 1)))
     return ""
+
+
+def domain_values(root):
+    """The numbers of a domain's XML the sampled records carry (the registry maps
+    them like libvirt's): its balloon's statistics period, 0 where none is set;
+    nothing without a balloon device."""
+    balloon = root.find("devices/memballoon")
+    if balloon is None or balloon.get("model") in (None, "none"):
+        return {}
+    period = attribute(balloon, "stats", "period")
+    return {"xml.balloon.period": int(period) if period and period.isdigit() else 0}
 
 
 def domain_info(root, metadata_labels=()):
@@ -3756,13 +3963,21 @@ class Agent(object):
         kernel = self.sampler.kernel
         active = sum(1 for _, _, stats in sample.domains
                      if stats.get("state.state") not in INACTIVE_STATES)
+        unavailable = kernel.reason if kernel is not None else "--source libvirt"
         return {"configured": self.args.source,
                 "kernel_domains": sample.kernel_domains,
                 "libvirt_domains": active - sample.kernel_domains,
                 "libvirt_values": sample.through_libvirt,
-                "kernel_unavailable": kernel.reason if kernel is not None else "--source libvirt",
+                "kernel_unavailable": unavailable,
+                "pressure_unavailable": unavailable or self.no_pressure(),
                 "interval_seconds": self.args.interval,
                 "full_interval_seconds": self.loop.pacer.full_interval}
+
+    def no_pressure(self):
+        """Why the pressure families lack for running domains the kernel reads, or None."""
+        why = [r.process.no_pressure for r in self.store.present_records()
+               if r.process is not None and r.process.pressure is None]
+        return "%d domain(s): %s" % (len(why), why[0]) if why else None
 
     def health(self):
         sample = self.loop.latest
@@ -4837,7 +5052,8 @@ ul#feed li, ul#domain-events li { border-bottom: 1px solid #eee; padding: 2px 0;
 PAGE_SCRIPT = r"""
 "use strict";
 // The overview's columns as it describes them (key, heading, kind), from its first
-// document on; kinds "key" and "flag" are not shown ("flag" marks the state).
+// document on, and the key of a "mark" column shown beside it; kinds "key", "flag"
+// and "mark" have no column of their own ("flag" marks the state).
 var COLUMNS = [];
 // The state a lifecycle event leaves a domain in, shown before the next sample.
 var EVENT_STATES = {Started: "Running", Resumed: "Running", Suspended: "Paused",
@@ -4872,9 +5088,18 @@ function getJSON(url) {
 
 // -- the overview table -------------------------------------------------------
 function textual(c) { return c[2] === "text" || c[2] === "state"; }   // left-aligned, A to Z first
+function hostLine(h) {   // "N running, X vCPUs on Y CPUs, A of B memory allocated, VMs use C cores now"
+  return h.running + " running, " + h.vcpus + " vCPUs on " + (h.cpus === undefined ? "?" : h.cpus) +
+    " CPUs, " + bytes(h.memory_allocated_bytes) + " of " + (h.memory_bytes === undefined ? "?" :
+    bytes(h.memory_bytes)) + " memory allocated, VMs use " + h.cpu_cores_used + " cores now";
+}
 function buildHead(doc) {
-  COLUMNS = doc.columns.map(function (key, i) { return [key, doc.headings[i], doc.kinds[i]]; })
-    .filter(function (c) { return c[2] !== "key" && c[2] !== "flag"; });
+  COLUMNS = [];
+  doc.columns.forEach(function (key, i) {
+    var kind = doc.kinds[i];
+    if (kind === "mark") COLUMNS[COLUMNS.length - 1][3] = key;   // shown beside the one before
+    else if (kind !== "key" && kind !== "flag") COLUMNS.push([key, doc.headings[i], kind, null]);
+  });
   var tr = $("head");
   COLUMNS.forEach(function (c) {
     var th = el("th", c[1], textual(c) ? "text" : "");
@@ -4899,6 +5124,7 @@ function refresh() {
       return row;
     });
     $("updated").textContent = doc.timestamp || "";
+    $("host").textContent = hostLine(doc.host || {});
     render();
   }).catch(function (err) { $("updated").textContent = "update failed: " + err.message; });
 }
@@ -4921,7 +5147,7 @@ function rowNode(r) {
       td.appendChild(el("span", r.state, "badge " + r.state));
       if (r.stale) td.appendChild(el("span", "stale", "stale"));
     } else {
-      var text = shown(r[c[0]], c[2]);
+      var text = shown(r[c[0]], c[2]) + (c[3] && r[c[3]] ? " (" + r[c[3]] + ")" : "");
       if (td.textContent !== text) td.textContent = text;
     }
   });
@@ -5020,6 +5246,7 @@ function chart(title, series, format) {
     var t1 = points.reduce(function (m, p) { return Math.max(m, p[0]); }, -Infinity);
     var top = points.reduce(function (m, p) { return Math.max(m, p[1]); }, 0) || 1;
     series.forEach(function (s, i) {
+      if (!s.points.length) return;    // a value this domain does not have
       var line = document.createElementNS(NS, "polyline");
       line.setAttribute("fill", "none");
       line.setAttribute("stroke", colors[i % colors.length]);
@@ -5155,6 +5382,7 @@ PAGE = """<!DOCTYPE html>
 %(links)s
 </nav></header>
 <main>
+<p id="host" class="muted"></p>
 <p><input id="filter" type="search" placeholder="filter: name, state, context"><span id="summary"></span>
 <span class="muted">updated <span id="updated">-</span></span></p>
 <section id="detail"><h2><span id="detail-name"></span> <small class="muted" id="detail-uuid"></small>
