@@ -19,7 +19,8 @@ PY = $(shell for p in /usr/bin/python3 python3; do $$p -c 'import libvirt' >/dev
 DEMO_PACKAGES = python3-libvirt libvirt-clients
 BENCH_PACKAGES = python3-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu nbdkit chromium iproute2 \
 	$(if $(shell command -v npm),,nodejs npm) \
-	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv
+	libvirt-clients qemu-system-x86 qemu-utils prometheus curl rpm rpmlint rpm2cpio cpio python3-venv \
+	systemd-container debootstrap
 
 .PHONY: demo test testbed deps-demo deps-bench hostb hostb-stop demo-migration bench bench-overhead bench-page \
 	foreign foreign-stop
@@ -53,11 +54,13 @@ testbed: deps-bench
 # Speed and memory against baselines measured in the same run (BENCH_GUESTS=40 real guests).
 bench: testbed
 	@$(call apt_install,prometheus-libvirt-exporter)
+	@$(call apt_install_unstarted,netdata netdata-plugins-bash)
 	$(PY) test_vadvisor.py --bench
 
 # The hypervisor overhead rows alone (BENCH_GUESTS=120 fits this machine's memory).
 bench-overhead: testbed
 	@$(call apt_install,prometheus-libvirt-exporter)
+	@$(call apt_install_unstarted,netdata netdata-plugins-bash)
 	$(PY) test_vadvisor.py --bench-overhead
 
 # The browser page's weight and update cost, at BENCH_GUESTS guests and at 1,000 domains.
@@ -89,6 +92,16 @@ if [ -n "$$missing" ]; then \
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
   else echo "missing packages (install them as root):" $$missing; fi; \
 fi
+endef
+
+# Packages whose service must not start when installed (the bench runs each peer
+# alone, as it configures it): a policy-rc.d refuses every start meanwhile.
+define apt_install_unstarted
+placed=; if [ "$$(id -u)" = 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then \
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && placed=1; \
+fi; \
+$(call apt_install,$(1)); \
+[ -z "$$placed" ] || rm -f /usr/sbin/policy-rc.d
 endef
 
 # -- packaging and installation ------------------------------------------------

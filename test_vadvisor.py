@@ -2582,6 +2582,8 @@ class KernelTierTests(unittest.TestCase):
                                 lambda s: s["libvirt_domains"] == self.active(), 15)
             self.assertTrue(source, self.health(agent))
             self.assertEqual(source["kernel_domains"], 0)
+            self.assertRegex(source["libvirt_why"], r"^%d domain\(s\): no visible process has "
+                             r"-uuid [0-9a-f-]{36}$" % self.active())
             self.assertIn("read through libvirt, not the host kernel", agent.output())
             before, virsh, after = self.bracket(agent, self.a)
             self.assert_between("cpu.time", (before, after), "vm_cpu_seconds_total", virsh,
@@ -2615,13 +2617,15 @@ class KernelTierTests(unittest.TestCase):
                 if ElementTree.fromstring(d.XMLDesc()).find("devices/interface/target") is not None]
             active = self.active()
             source = wait_until(lambda: get("/healthz") and json.loads(get("/healthz"))["source"],
-                                lambda s: s and s["libvirt_values"].get("network") == len(with_taps),
-                                30)
+                                lambda s: s and s["libvirt_values"].get("network") == len(with_taps)
+                                and "/proc/self/net/dev" in (s["libvirt_why"] or ""), 30)
             self.assertTrue(source, get("/healthz"))
             self.assertEqual((source["kernel_domains"], source["libvirt_domains"]),
                              (active - len(with_taps), len(with_taps)))
             self.assertEqual([source["libvirt_values"][k] for k in ("cpu", "vcpu", "rss")],
                              [0, 0, 0])
+            self.assertRegex(source["libvirt_why"], r"^%d domain\(s\): its network values: "
+                             r"tap \S+ is not in /proc/self/net/dev$" % len(with_taps))
             fams = parse_exposition(self, get("/metrics"))
             self.assertEqual(values(fams, "vadvisor_kernel_domains"), [active - len(with_taps)])
             # the counters still move every sample: frames sent now arrive at once
@@ -2805,6 +2809,10 @@ class RealLibvirtTests(unittest.TestCase):
                       "vm_pressure_memory_stalled_seconds_total": (),
                       "vm_pressure_io_waiting_seconds_total": (),
                       "vm_pressure_io_stalled_seconds_total": (),
+                      # its balloon's statistics period, from the XML, and so where its
+                      # memory figures come from
+                      "vm_memory_stats_period_seconds": (), "vm_memory_guest_info": (
+                          "source", "reason"),
                       "vm_info": ("type", "os_type", "arch", "machine", "title"),
                       "vm_disk_info": ("device", "type", "source", "bus", "driver_type", "cache",
                                        "serial", "readonly"),
@@ -3998,10 +4006,16 @@ def cgroup_pressure(name):
 def assert_statsd_between(testcase, got, before, after, uuid):
     """Every StatsD value of the domain lies between what libvirt said before and after
     the sample (RSS within 2 MiB: it moves both ways), and StatsD carries exactly those
-    keys plus the agent's own two marks of a full sample."""
+    keys plus the agent's own two marks of a full sample and what its XML says of its
+    memory figures (a balloon without a statistics period: none from the guest)."""
     low, high = statsd_from_libvirt(uuid, before), statsd_from_libvirt(uuid, after)
     mine = dict((k, v) for k, v in got.items() if k.startswith("vm.%s." % uuid))
-    marks = {"vm.%s.stats.stale" % uuid: 0, "vm.%s.stats.age.seconds" % uuid: 0}
+    balloon = ElementTree.fromstring(Bench.conn.lookupByUUIDString(uuid).XMLDesc()).find(
+        "devices/memballoon")
+    testcase.assertEqual((balloon.get("model"), balloon.find("stats")), ("virtio", None))
+    marks = {"vm.%s.stats.stale" % uuid: 0, "vm.%s.stats.age.seconds" % uuid: 0,
+             "vm.%s.memory.stats.period.seconds" % uuid: 0,
+             "vm.%s.host.no_period.memory.guest.info" % uuid: 1}
     testcase.assertEqual(set(mine), set(low) | set(marks))
     for key, value in marks.items():
         testcase.assertEqual(mine[key], value, key)
@@ -6740,6 +6754,25 @@ class SystemdNotifyTests(unittest.TestCase):
             receiver.close()
         self.assertEqual(agent.output().count("systemd notify"), 1, agent.output())
 
+    def test_status_tells_a_change_at_once_not_at_the_next_beat(self):
+        """With WatchdogSec=60 the beats are 30 s apart; a change of what STATUS says
+        goes out within a second or so on its own, without a beat."""
+        receiver = NotifyReceiver()
+        try:
+            notifier = vadvisor.SystemdNotifier({"NOTIFY_SOCKET": receiver.env,
+                                                 "WATCHDOG_USEC": "60000000"})
+            said = ["0 domains, libvirt unreachable", (0, False)]
+            notifier.beat(lambda: said[0], lambda: said[1])      # the first: a beat
+            self.assertTrue(receiver.until(
+                lambda lines: "STATUS=0 domains, libvirt unreachable" in lines, 5))
+            said[:] = ["2 domains, libvirt connected", (2, True)]
+            self.assertTrue(wait_for(lambda: notifier.beat(lambda: said[0], lambda: said[1])
+                                     or "STATUS=2 domains, libvirt connected" in receiver.lines(),
+                                     10, 0.1), receiver.lines())
+            self.assertEqual(receiver.beats(), 1)
+        finally:
+            receiver.close()
+
     def test_watchdog_pid_of_another_process_is_ignored(self):
         notifier = vadvisor.SystemdNotifier({"NOTIFY_SOCKET": "/nonexistent",
                                              "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
@@ -6770,6 +6803,533 @@ class UnitFileTests(unittest.TestCase):
                      "ExecStart=/usr/bin/vadvisor $VADVISOR_OPTS", "libvirtd.service",
                      "virtqemud.service"):
             self.assertIn(line, unit)
+
+
+
+# -- the shipped unit under a real systemd: a systemd-nspawn container -----------
+#
+# A Debian 12 root (debootstrap minbase, then NSPAWN_PACKAGES without recommends)
+# is built once and cached in NSPAWN_CACHE (about a minute here; rebuilt when
+# NSPAWN_LAYOUT or the package list changes).  systemd-nspawn boots it with
+# systemd as PID 1:
+#   * --register=no --keep-unit: the host may have no systemd and no system bus;
+#   * SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1, cgroup v2 inside: on a host whose cgroup
+#     v1 controllers are mounted (a hybrid host), a container's v1 controllers are
+#     read-only and libvirt cannot start a guest ("Failed to create v1 controller
+#     cpu for group: Read-only file system");
+#   * --private-network: the container's own network namespace, loopback only, so
+#     nothing it runs can send traffic anywhere; checks reach the agent there
+#     through nsenter;
+#   * --volatile=overlay: every boot starts from the cached root and leaves it as
+#     it was;
+#   * /dev/kvm bound in (guests use TCG where it is missing or not open to all:
+#     QEMU runs as the container's libvirt-qemu).
+
+NSPAWN_CACHE = "/var/tmp/vadvisor-nspawn"
+NSPAWN_LAYOUT = "1"     # the root's layout: a new one builds it afresh
+NSPAWN_SUITE = "bookworm"
+# libnss-systemd: libvirtd looks the connecting uid up, and a DynamicUser uid
+# exists only through nss-systemd (Debian: priority standard, recommended by
+# systemd-sysv, so not in a minimal root without recommends).
+NSPAWN_PACKAGES = ("systemd-sysv", "dbus", "libnss-systemd", "libvirt-daemon-system",
+                   "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",
+                   "python3-libvirt", "make")
+NSPAWN_NAME = "vadvisor-nspawn"
+NSPAWN_HOSTS = "127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost ip6-localhost ip6-loopback\n" \
+    % NSPAWN_NAME
+# A GET on the container's loopback, run by this interpreter inside its network
+# namespace: [status, body], or [null, why] while nothing answers.
+NETNS_GET = r"""
+import http.client, json, sys
+try:
+    conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+    conn.request("GET", sys.argv[2])
+    resp = conn.getresponse()
+    print(json.dumps([resp.status, resp.read().decode("utf-8", "replace")]))
+except OSError as exc:
+    print(json.dumps([None, str(exc)]))
+"""
+
+
+def debian_mirror():
+    """The mirror this machine's apt reads NSPAWN_SUITE from (deb822 or one-line
+    sources), for debootstrap; deb.debian.org when none says."""
+    paths = ["/etc/apt/sources.list"]
+    if os.path.isdir("/etc/apt/sources.list.d"):
+        paths += [os.path.join("/etc/apt/sources.list.d", n)
+                  for n in sorted(os.listdir("/etc/apt/sources.list.d"))]
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if path.endswith(".sources"):
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict((k.strip().lower(), v.strip()) for k, _, v in (
+                    line.partition(":") for line in stanza.splitlines()
+                    if ":" in line and not line.startswith("#")))
+                if "deb" in fields.get("types", "").split() and \
+                        NSPAWN_SUITE in fields.get("suites", "").split() and fields.get("uris"):
+                    return fields["uris"].split()[0]
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == NSPAWN_SUITE:
+                    return words[1]
+    return "http://deb.debian.org/debian"
+
+
+def nspawn_root():
+    """The container's root (Debian 12 with libvirtd, QEMU, python3-libvirt, make),
+    built once into NSPAWN_CACHE; (path, seconds it took to build, 0 when cached)."""
+    if os.geteuid() != 0:
+        missing("the systemd container needs root (debootstrap, systemd-nspawn)")
+    debootstrap = need_tool("debootstrap", "debootstrap")
+    nspawn = need_tool("systemd-nspawn", "systemd-container")
+    need_tool("nsenter", "util-linux")
+    root, stamp_file = os.path.join(NSPAWN_CACHE, "root"), os.path.join(NSPAWN_CACHE, "stamp")
+    stamp = hashlib.sha256("\n".join((NSPAWN_LAYOUT, NSPAWN_SUITE, NSPAWN_HOSTS)
+                                     + NSPAWN_PACKAGES).encode()).hexdigest()
+    if os.path.isdir(root) and os.path.exists(stamp_file):
+        with open(stamp_file) as f:
+            if f.read() == stamp:
+                return root, 0.0
+    started = time.monotonic()
+    os.makedirs(NSPAWN_CACHE, exist_ok=True)
+    for name in os.listdir(NSPAWN_CACHE):       # an interrupted build
+        if name.startswith("build-"):
+            shutil.rmtree(os.path.join(NSPAWN_CACHE, name), ignore_errors=True)
+    work = tempfile.mkdtemp(prefix="build-", dir=NSPAWN_CACHE)
+    try:
+        proc = run([debootstrap, "--variant=minbase", NSPAWN_SUITE, work, debian_mirror()],
+                   timeout=1200)
+        if proc.returncode != 0:
+            missing("debootstrap %s failed: %s" % (NSPAWN_SUITE, proc.stdout.decode()[-1000:]))
+        policy = os.path.join(work, "usr/sbin/policy-rc.d")     # no daemon starts meanwhile
+        with open(policy, "w") as f:
+            f.write("#!/bin/sh\nexit 101\n")
+        os.chmod(policy, 0o755)
+        for name, text in (("hostname", NSPAWN_NAME + "\n"), ("hosts", NSPAWN_HOSTS)):
+            with open(os.path.join(work, "etc", name), "w") as f:
+                f.write(text)
+        proc = run([nspawn, "-q", "-D", work, "-M", NSPAWN_NAME + "-build", "--register=no",
+                    "--keep-unit", "--resolv-conf=copy-host", "/bin/sh", "-c",
+                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                    "--no-install-recommends %s && apt-get clean" % " ".join(NSPAWN_PACKAGES)],
+                   timeout=1800)
+        if proc.returncode != 0:
+            missing("the container's packages did not install: %s"
+                    % proc.stdout.decode()[-1500:])
+        os.unlink(policy)
+        resolv = os.path.join(work, "etc", "resolv.conf")
+        if os.path.lexists(resolv):
+            os.unlink(resolv)
+        with open(resolv, "w") as f:        # no name server: lookups fail at once
+            f.write("nameserver 127.0.0.1\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.rename(work, root)
+        with open(stamp_file, "w") as f:
+            f.write(stamp)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return root, time.monotonic() - started
+
+
+class Container(object):
+    """The cached root booted by systemd-nspawn with systemd as PID 1, this checkout
+    at /usr/src/vadvisor (read-only).  Commands run in it through nsenter; stop()
+    powers it off and removes the empty cgroups nspawn made on the host."""
+
+    def __init__(self, root):
+        for pid in self.stale():        # an earlier run's, killed before its clean-up
+            os.kill(pid, signal.SIGTERM)
+        if not wait_for(lambda: not self.stale(), 60):
+            for pid in self.stale():
+                os.kill(pid, signal.SIGKILL)
+        self.log = tempfile.TemporaryFile()
+        command = [shutil.which("systemd-nspawn"), "-q", "-D", root, "-M", NSPAWN_NAME,
+                   "--register=no", "--keep-unit", "--boot", "--private-network",
+                   "--volatile=overlay", "--resolv-conf=off", "--console=read-only",
+                   "--bind-ro=%s:/usr/src/vadvisor" % HERE]
+        if os.path.exists("/dev/kvm"):
+            command.append("--bind=/dev/kvm")
+        started = time.monotonic()
+        self.leader = None
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1"))
+        atexit.register(self.stop)
+        try:
+            self.leader = wait_for(self.find_leader, 30)
+            if not self.leader:
+                raise AssertionError("no container: %s" % self.output())
+            # 'Failed to connect to bus' until systemd listens; then it waits for the boot
+            state = wait_until(lambda: self.sh("systemctl is-system-running --wait", check=False,
+                                               timeout=120).strip(),
+                               lambda s: s in ("running", "degraded"), 120, 0.2)
+            if state is None:
+                raise AssertionError("systemd did not finish booting: %s" % self.output())
+            self.state = state
+        except BaseException:
+            self.stop()
+            raise
+        self.boot_seconds = time.monotonic() - started
+
+    @staticmethod
+    def stale():
+        """The pids of systemd-nspawn processes running this container."""
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    args = f.read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if os.path.basename(args[0]) == b"systemd-nspawn" and b"-M" in args[:-1] and \
+                    args[args.index(b"-M") + 1] == NSPAWN_NAME.encode():
+                found.append(int(entry))
+        return found
+
+    def find_leader(self):
+        """The container's PID 1 (systemd, once nspawn has exec'd it), as a host pid."""
+        if self.proc.poll() is not None:
+            raise AssertionError("systemd-nspawn exited: %s" % self.output())
+        task = "/proc/%d/task" % self.proc.pid
+        try:
+            children = []
+            for thread in os.listdir(task):
+                with open(os.path.join(task, thread, "children")) as f:
+                    children += f.read().split()
+            for child in children:
+                with open("/proc/%s/status" % child) as f:
+                    status = f.read()
+                if re.search(r"^Name:\s+systemd$", status, re.M) and \
+                        re.search(r"^NSpid:\s+%s\s+1$" % child, status, re.M):
+                    return int(child)
+        except OSError:
+            pass
+        return None
+
+    def sh(self, script, check=True, timeout=120, input=None):
+        """A shell script run in the container as root: its output (and stderr)."""
+        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "/bin/sh", "-c", script],
+                              input=input, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+        out = proc.stdout.decode("utf-8", "replace")
+        if check and proc.returncode != 0:
+            raise AssertionError("in the container, %r: %s" % (script, out))
+        return out
+
+    def get(self, port, path):
+        """(status, body) of a GET on the container's 127.0.0.1:port; (None, why) while
+        nothing answers there."""
+        proc = run(["nsenter", "-t", str(self.leader), "-n", PY, "-c", NETNS_GET, str(port), path],
+                   timeout=30)
+        return tuple(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()           # nspawn has systemd power the container off
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # In a cgroup of its own (--keep-unit), nspawn makes 'payload' and 'supervisor'
+        # below it, in the named systemd hierarchy and the unified one; empty now.
+        with open("/proc/self/cgroup") as f:
+            own = [line.rstrip("\n").split(":", 2) for line in f]
+        for _, controllers, path in own:
+            mounts = {"name=systemd": ("/sys/fs/cgroup/systemd",),
+                      "": ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")}.get(controllers, ())
+            for mount in mounts:
+                for top in ("payload", "supervisor"):
+                    base = os.path.join(mount + path.rstrip("/"), top)
+                    for d in sorted((d for d, _, _ in os.walk(base)), key=len, reverse=True):
+                        try:
+                            os.rmdir(d)
+                        except OSError:
+                            pass
+
+
+class SystemdContainerTests(unittest.TestCase):
+    """vadvisor.service under a real systemd, PID 1 of a Debian 12 container: installed
+    with make install, started with systemctl enable --now, beside two running guests
+    of the container's own libvirtd.  systemd logs at debug level there, so that the
+    journal shows each notification the agent sends and each state change it causes."""
+
+    GUESTS = 2
+    DROPIN = "/etc/systemd/system/vadvisor.service.d/test.conf"
+
+    @classmethod
+    def setUpClass(cls):
+        began = time.monotonic()
+        root, built = nspawn_root()
+        cls.box = Container(root)
+        try:
+            cls.box.sh("systemd-analyze log-level debug")
+            kvm = os.path.exists("/dev/kvm") and os.stat("/dev/kvm").st_mode & 0o006 == 0o006
+            for i in range(cls.GUESTS):
+                name = "%sns%d" % (PREFIX, i)
+                cls.box.sh("virsh -q -c qemu:///system define /dev/stdin >/dev/null && "
+                           "virsh -q -c qemu:///system start %s" % name,
+                           input=guest_xml(name, domain_type="kvm" if kvm else "qemu", devices="""
+    <interface type='ethernet'><target dev='vadtns%d' managed='yes'/><rom enabled='no'/>
+    </interface>""" % i).encode())
+            cls.defaults = dict((path, cls.box.sh("cat " + path))
+                                for path in ("/etc/libvirt/libvirtd.conf", "/etc/nsswitch.conf"))
+            cls.start_cursor = cls.cursor()
+            cls.box.sh("cd /usr/src/vadvisor && make install && systemctl daemon-reload && "
+                       "systemctl enable --now vadvisor")
+            cls.options = cls.box.sh("cat /etc/default/vadvisor")
+            cls.wait_healthy(8181)
+            cls.first_pid = int(cls.unit("MainPID"))
+        except BaseException:
+            cls.box.stop()
+            raise
+        print("\n    root %s, boot %.1f s (%s), installed and started in %.1f s all told"
+              % ("built in %.0f s" % built if built else "cached", cls.box.boot_seconds,
+                 cls.box.state, time.monotonic() - began), end=" ")
+        cls.began = time.monotonic()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.box.stop()
+        print("\n    the class's tests took %.0f s" % (time.monotonic() - cls.began), end=" ")
+
+    @classmethod
+    def unit(cls, prop, unit="vadvisor"):
+        return cls.box.sh("systemctl show -P %s %s" % (prop, unit)).strip()
+
+    @classmethod
+    def cursor(cls):
+        out = cls.box.sh("journalctl -q -n 1 --show-cursor -o cat")
+        return re.search(r"^-- cursor: (.+)$", out, re.M).group(1)
+
+    @classmethod
+    def journal(cls, cursor=None, unit=None):
+        return cls.box.sh("journalctl --no-pager -q -o cat%s%s" % (
+            " --after-cursor='%s'" % cursor if cursor else "", " -u %s" % unit if unit else ""))
+
+    @classmethod
+    def healthz(cls, port=8181):
+        """(status, the parsed body), or (None, why) while nothing answers."""
+        status, body = cls.box.get(port, "/healthz")
+        return status, json.loads(body) if status else body
+
+    @classmethod
+    def wait_healthy(cls, port=8181, timeout=30, ok=lambda health: True):
+        found = wait_until(lambda: cls.healthz(port), lambda r: r[0] == 200 and ok(r[1]),
+                           timeout, 0.2)
+        if found is None:
+            raise AssertionError("no healthy agent on port %d within %d s: %s\n%s" % (
+                port, timeout, cls.healthz(port), cls.journal(unit="vadvisor")[-3000:]))
+        return found[1]
+
+    @classmethod
+    def restart(cls, opts="", dropin=None, port=8181, healthy=True):
+        """The agent restarted with these options (in /etc/default/vadvisor) and this
+        drop-in; the shipped unit and options file when none are given."""
+        cls.box.sh("cat > /etc/default/vadvisor", input=(cls.options + (
+            'VADVISOR_OPTS="%s"\n' % opts if opts else "")).encode())
+        if dropin:
+            cls.box.sh("mkdir -p %s && cat > %s" % (os.path.dirname(cls.DROPIN), cls.DROPIN),
+                       input=dropin.encode())
+        else:
+            cls.box.sh("rm -f %s" % cls.DROPIN)
+        cls.box.sh("systemctl daemon-reload && systemctl restart vadvisor")
+        return cls.wait_healthy(port) if healthy else None
+
+    def metrics(self, port=8181):
+        status, body = self.box.get(port, "/metrics")
+        self.assertEqual(status, 200, body)
+        return parse_exposition(self, body)
+
+    def libvirt_error(self):
+        """The agent's libvirt error in /healthz, once it has one."""
+        found = wait_until(lambda: self.healthz(), lambda r: r[0] == 503 and
+                           r[1]["libvirt"]["error"], 15, 0.2)
+        self.assertIsNotNone(found, "the agent kept a libvirt connection")
+        return found[1]["libvirt"]["error"]
+
+    def test_enable_now_is_running_only_after_ready(self):
+        """systemctl enable --now: active (running) once the agent said READY=1 (after
+        its port was bound), its STATUS= line in systemctl status, a dynamic user."""
+        lines = self.journal(self.start_cursor).splitlines()
+
+        def first(pattern):
+            found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+            self.assertTrue(found, "no journal line %r in:\n%s" % (pattern, "\n".join(lines)))
+            return found[0]
+        self.assertLess(first(r"^vadvisor\.service: Changed dead -> start$"),
+                        first(r" INFO vadvisor \S+ listening on port 8181"))
+        self.assertLess(first(r" INFO vadvisor \S+ listening on port 8181"),
+                        first(r"^vadvisor\.service: Got notification message from PID %d "
+                              r"\(READY=1, STATUS=" % self.first_pid))
+        self.assertLess(first(r"^vadvisor\.service: Got notification message from PID %d "
+                              r"\(READY=1" % self.first_pid),
+                        first(r"^vadvisor\.service: Changed start -> running$"))
+        self.assertEqual(self.unit("UnitFileState"), "enabled")
+        self.assertEqual((self.unit("ActiveState"), self.unit("SubState")), ("active", "running"))
+        shown = re.search(r'^ +Status: "(.*)"$', self.box.sh(
+            "systemctl status --no-pager vadvisor", check=False), re.M)
+        self.assertIsNotNone(shown, "systemctl status shows no Status: line")
+        self.assertRegex(shown.group(1), r"^\d+ domains, last sample (none yet|[0-9.]+ s) ago, "
+                                         r"libvirt (connected|unreachable)$")
+        # within a second or so of the first sample, not at the next watchdog beat (30 s)
+        text = wait_until(lambda: self.unit("StatusText"), lambda t: re.match(
+            r"^%d domains, last sample [0-9.]+ s ago, libvirt connected$" % self.GUESTS, t), 5, 0.2)
+        self.assertIsNotNone(text, self.unit("StatusText"))
+        status = self.box.sh("cat /proc/%s/status" % self.unit("MainPID"))
+        uid = int(re.search(r"^Uid:\s+(\d+)\s+\d+\s+\d+\s+\d+$", status, re.M).group(1))
+        self.assertTrue(61184 <= uid <= 65519, uid)     # systemd's range for dynamic users
+        self.assertRegex(status, r"(?m)^CapEff:\s+0+$")
+        self.assertTrue(self.box.sh("getent passwd %d" % uid).startswith(
+            "vadvisor:x:%d:%d:Dynamic User:" % (uid, uid)))
+        status, health = self.healthz()
+        self.assertEqual(status, 200, health)
+        self.assertTrue(health["libvirt"]["connected"])
+
+    def test_kernel_tier_reads_every_running_guest(self):
+        """ProtectProc=default, ProcSubset=pid and PrivateUsers=yes leave QEMU's /proc
+        files (user libvirt-qemu) readable: every running guest from the kernel."""
+        running = self.box.sh("virsh -q -c qemu:///system list --state-running --name").split()
+        self.assertEqual(len(running), self.GUESTS, running)
+        fams = wait_until(self.metrics, lambda f: values(f, "vadvisor_kernel_domains") ==
+                          [len(running)], 15, 0.5)
+        self.assertIsNotNone(fams, "vadvisor_kernel_domains: %s" % values(
+            self.metrics(), "vadvisor_kernel_domains"))
+        source = self.healthz()[1]["source"]
+        self.assertEqual((source["kernel_domains"], source["libvirt_domains"]), (len(running), 0))
+        self.assertEqual(set(source["libvirt_values"].values()), {0}, source)
+        self.assertIsNone(source["kernel_unavailable"])
+        # the taps' counters too: /proc/self/net/dev is inside ProcSubset=pid's /proc
+        for i in range(self.GUESTS):
+            self.assertEqual(len(values(fams, "vm_network_receive_bytes_total",
+                                        interface="vadtns%d" % i)), 1)
+
+    def test_invisible_proc_falls_back_to_libvirt(self):
+        """ProtectProc=invisible in a drop-in: QEMU's processes are hidden, the values
+        come from libvirt, and the journal and /healthz say why."""
+        cursor = self.cursor()
+        try:
+            health = self.restart(dropin="[Service]\nProtectProc=invisible\n")
+            health = wait_until(lambda: self.healthz()[1], lambda h: isinstance(h, dict) and
+                                h["source"]["libvirt_domains"] == self.GUESTS, 15, 0.2) or health
+            self.assertEqual(health["source"]["kernel_domains"], 0, health)
+            self.assertEqual(health["source"]["libvirt_domains"], self.GUESTS, health)
+            self.assertEqual(set(health["source"]["libvirt_values"].values()), {self.GUESTS})
+            self.assertRegex(health["source"]["libvirt_why"], r"^%d domain\(s\): no visible "
+                             r"process has -uuid [0-9a-f-]{36}$" % self.GUESTS)
+            self.assertEqual(values(self.metrics(), "vadvisor_kernel_domains"), [0])
+            log = self.journal(cursor, "vadvisor")
+            self.assertRegex(log, r"WARNING \d domain\(s\) read through libvirt, not the host "
+                                  r"kernel: \S+: no visible process has -uuid ")
+        finally:
+            self.restart()
+
+    def test_options_from_etc_default(self):
+        try:
+            health = self.restart(opts="--port 9181 --interval 0.5", port=9181)
+            self.assertEqual(health["source"]["interval_seconds"], 0.5)
+            self.assertIsNone(self.box.get(8181, "/healthz")[0])
+            cmdline = self.box.sh("tr '\\0' ' ' < /proc/%s/cmdline" % self.unit("MainPID"))
+            self.assertEqual(cmdline.strip(), "/usr/bin/python3 /usr/bin/vadvisor --port 9181 "
+                                              "--interval 0.5")
+        finally:
+            self.restart()
+
+    def test_read_only_socket_for_the_dynamic_user(self):
+        """Debian's libvirtd asks polkit (which libvirt-daemon-system depends on) about
+        the read-only socket; without polkit, the agent as root (a drop-in) or
+        auth_unix_ro = "none" do; the dynamic uid needs its user record, through
+        nss-systemd, whatever the auth."""
+        self.assertNotRegex(self.defaults["/etc/libvirt/libvirtd.conf"],
+                            r"(?m)^\s*auth_unix_ro")                   # polkit, the default
+        self.assertRegex(self.defaults["/etc/nsswitch.conf"], r"(?m)^passwd:.*\bsystemd\b")
+        self.assertEqual(self.unit("ActiveState", "polkit"), "active")  # activated on asking
+        try:
+            self.box.sh("systemctl mask --runtime polkit.service && systemctl stop polkit.service")
+            self.restart(healthy=False)
+            self.assertIn("polkit", self.libvirt_error())
+            self.restart(dropin="[Service]\nDynamicUser=no\nUser=root\n")
+            self.assertRegex(self.box.sh("cat /proc/%s/status" % self.unit("MainPID")),
+                             r"(?m)^Uid:\s+0\s")
+            self.box.sh("echo 'auth_unix_ro = \"none\"' >> /etc/libvirt/libvirtd.conf && "
+                        "systemctl restart libvirtd")
+            self.restart()
+            self.box.sh("sed -i 's/^passwd:.*/passwd: files/' /etc/nsswitch.conf")
+            self.restart(healthy=False)
+            self.assertIn("Failed to find user record for uid", self.libvirt_error())
+        finally:
+            for path, text in self.defaults.items():
+                self.box.sh("cat > " + path, input=text.encode())
+            self.box.sh("systemctl unmask --runtime polkit.service && systemctl restart libvirtd")
+            self.restart()
+
+    def test_stop_ends_it_within_two_seconds(self):
+        cursor = self.cursor()
+        pid = int(self.unit("MainPID"))
+        started = time.monotonic()
+        self.box.sh("systemctl stop vadvisor")
+        took = time.monotonic() - started
+        try:
+            self.assertLess(took, 2.0)
+            self.assertEqual(self.unit("ActiveState"), "inactive")
+            log = self.journal(cursor)
+            self.assertRegex(log, r"vadvisor\.service: Got notification message from PID %d "
+                                  r"\(STOPPING=1" % pid)
+            self.assertIn("vadvisor.service: Main process exited, code=exited, status=0/SUCCESS",
+                          log)
+            self.assertNotIn("Traceback", self.journal(unit="vadvisor"))
+        finally:
+            self.restart()
+        print("\n    systemctl stop took %.2f s" % took, end=" ")
+
+    def test_watchdog_restarts_it_while_libvirtd_hangs(self):
+        """libvirtd stopped (SIGSTOP) for longer than twice --libvirt-timeout: the agent
+        stops its WATCHDOG=1 beats, systemd kills and restarts it, and it comes back
+        once libvirtd goes on.  WatchdogSec=5 in a drop-in keeps it short."""
+        try:
+            self.restart(opts="--libvirt-timeout 1", dropin="[Service]\nWatchdogSec=5\n")
+            self.assertEqual(self.unit("WatchdogUSec"), "5s")
+            # STATUS= goes with every beat (2.5 s here): the agent's state, in systemctl status
+            text = wait_until(lambda: self.unit("StatusText"), lambda t: re.match(
+                r"^%d domains, last sample [0-9.]+ s ago, libvirt connected$" % self.GUESTS, t),
+                10, 0.5)
+            self.assertIsNotNone(text, self.unit("StatusText"))
+            pid, restarts = int(self.unit("MainPID")), int(self.unit("NRestarts"))
+            cursor = self.cursor()
+            stopped = time.monotonic()
+            self.box.sh("systemctl kill --signal=SIGSTOP --kill-who=main libvirtd")
+            try:
+                self.assertTrue(wait_for(lambda: "vadvisor.service: Watchdog timeout" in
+                                         self.journal(cursor), 20, 0.5), self.journal(cursor))
+                fired = time.monotonic() - stopped
+                self.assertTrue(wait_for(lambda: int(self.unit("NRestarts")) > restarts, 15, 0.5))
+            finally:
+                self.box.sh("systemctl kill --signal=SIGCONT --kill-who=main libvirtd")
+            continued = time.monotonic()
+            self.wait_healthy(timeout=40, ok=lambda h: h["libvirt"]["connected"])
+            back = time.monotonic() - continued
+            self.assertNotEqual(int(self.unit("MainPID")), pid)
+            self.assertEqual(self.unit("SubState"), "running")
+            log = self.journal(cursor)
+            self.assertIn("vadvisor.service: Killing process %d (vadvisor) with signal SIGABRT"
+                          % pid, log)
+            self.assertIn("vadvisor.service: Failed with result 'watchdog'.", log)
+            self.assertIn("vadvisor.service: Scheduled restart job", log)
+            self.assertGreater(fired, 2.0)      # not before twice --libvirt-timeout
+        finally:
+            self.box.sh("systemctl kill --signal=SIGCONT --kill-who=main libvirtd", check=False)
+            self.restart()
+        print("\n    watchdog fired %.1f s after SIGSTOP; healthy %.1f s after SIGCONT"
+              % (fired, back), end=" ")
 
 
 # -----------------------------------------------------------------------------
@@ -7708,6 +8268,83 @@ def exporter_process():
     return proc, port
 
 
+# Debian's Netdata with its cgroups collector alone, every second, kept in memory: the
+# peer that shows per-VM pressure.  Its other plugins are off, so that it is measured
+# doing what the agent's fast tier does.
+NETDATA_CONF = """[global]
+    run as user = root
+    memory mode = ram
+    update every = 1
+    hostname = vadvisor-bench
+[directories]
+    cache = {work}/cache
+    lib = {work}/lib
+    log = {work}/log
+[logs]
+    debug log = none
+    error log = {work}/log/error.log
+    access log = none
+[web]
+    bind to = 127.0.0.1:{port}
+[plugins]
+    enable running new plugins = no
+    cgroups = yes
+{off}
+[statsd]
+    enabled = no
+[ml]
+    enabled = no
+[health]
+    enabled = no
+[registry]
+    enabled = no
+[cloud]
+    enabled = no
+[plugin:cgroups]
+    update every = 1
+"""
+NETDATA_OFF = ("proc", "diskspace", "tc", "idlejitter", "timex", "checks", "apps", "python.d",
+               "charts.d", "go.d", "ebpf", "perf", "slabinfo", "statsd", "netdata monitoring",
+               "fping", "ioping", "nfacct", "cups", "freeipmi")
+
+
+class NetdataProcess(object):
+    """Netdata (NETDATA_CONF) in a directory of its own, until it charts every guest."""
+
+    def __init__(self, guest_count):
+        binary = shutil.which("netdata") or "/usr/sbin/netdata"
+        if not os.path.exists(binary):
+            missing("netdata is missing (make bench installs netdata and netdata-plugins-bash)")
+        self.work, self.port = tempfile.mkdtemp(prefix="vadvisor-netdata-"), free_port()
+        for name in ("cache", "lib", "log"):
+            os.makedirs(os.path.join(self.work, name))
+        conf = os.path.join(self.work, "netdata.conf")
+        with open(conf, "w") as f:
+            f.write(NETDATA_CONF.format(work=self.work, port=self.port, off="".join(
+                "    %s = no\n" % name for name in NETDATA_OFF)))
+        self.proc = subprocess.Popen([binary, "-c", conf, "-D"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        if not wait_for(lambda: self.guests_charted() >= guest_count, 120, 1.0):
+            self.stop()
+            raise AssertionError("netdata charted %d of %d guests" % (self.guests_charted(),
+                                                                      guest_count))
+
+    def guests_charted(self):
+        try:
+            charts = json.loads(http_get(self.port, "/api/v1/charts", timeout=10)[2])["charts"]
+        except (OSError, ValueError, KeyError):
+            return 0        # not answering yet
+        return sum(1 for chart in charts if PREFIX in chart and chart.endswith(".cpu"))
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)    # its spawn server too
+        except OSError:
+            pass
+        self.proc.wait(30)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 def bench_overhead(seconds=60):
     """Hypervisor overhead: cores used by libvirtd + QEMU + the agent above idle, each
     configuration measured alone against the same running guests."""
@@ -7740,8 +8377,14 @@ def bench_overhead(seconds=60):
         finally:
             exporter.terminate()
             exporter.wait(10)
+    netdata = NetdataProcess(len([d for d in Bench.conn.listAllDomains(
+        libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) if d.name().startswith(PREFIX)]))
+    try:
+        results["netdata 1 s"] = cpu_used(seconds, netdata.proc.pid)
+    finally:
+        netdata.stop()
     results["idle again"] = cpu_used(seconds)
-    for label in ("defaults", "today", "exporter 1 s", "exporter 15 s"):
+    for label in ("defaults", "today", "exporter 1 s", "exporter 15 s", "netdata 1 s"):
         for part in ("libvirtd", "QEMU", "agent", "total"):
             idle = (results["idle"][part] + results["idle again"][part]) / 2
             results[label][part + " above idle"] = results[label][part] - idle
@@ -7768,6 +8411,11 @@ def overhead_rows(row, guest_count, o):
         ours <= exporter / 3, window)
     row("   the libvirt exporter scraped every 15 s", "", cores("exporter 15 s"), "", "", True,
         "%d s" % o["seconds"])
+    netdata = max(o["netdata 1 s"]["total above idle"], 1e-4)
+    row("   the same against Netdata's cgroups collector", "", "Netdata, cgroups alone every "
+        "1 s: " + cores("netdata 1 s"), "%.2fx" % (ours / netdata), "<= 1.00x",
+        ours <= netdata, "%d s each; Netdata charts CPU, memory, I/O and pressure, "
+        "no disk or NIC of the guest's, no event" % o["seconds"])
     d = o["defaults"]
     fast = max(d["fast samples"], 1)
     row("   fast tier: sampler CPU per fast sample; interval achieved",

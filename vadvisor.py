@@ -947,6 +947,7 @@ class KernelTier(object):
             news = []
             for record, dom_id in missing:
                 why = self.match(record, dom_id, found.get(record.uuid, ()))
+                record.why_libvirt = why
                 if why:
                     record.look_again = now + self.retry
                     if not record.process_told:
@@ -996,6 +997,7 @@ class KernelTier(object):
         if why:
             missing["network"] = why
         self.tell(record, missing)
+        record.why_libvirt = "its %s values: %s" % min(missing.items()) if missing else None
         return found, missing
 
     def add_network(self, record, shape, spec, found):
@@ -1045,7 +1047,7 @@ class KernelTier(object):
     def stopped(self, record):
         """The domain does not run: nothing of its process is kept, nothing was said."""
         self.forget(record)
-        record.look_again, record.views = 0.0, None
+        record.look_again, record.views, record.why_libvirt = 0.0, None, None
         record.process_told, record.kinds_told = False, frozenset()
 
 
@@ -1419,6 +1421,8 @@ class DomainRecord(object):
         # the host-kernel tier: its QEMU process, when to look for it again, what
         # was logged, its NICs' kinds, the kernel's values of its latest sample
         "process", "look_again", "process_told", "kinds_told", "views", "kernel",
+        # why some of its values were read through libvirt in the latest round
+        "why_libvirt",
         # the libvirt tier: its newest full record, its last complete one, its next
         # full read, diskErrors()' keys of its I/O-error pause
         "full", "complete", "due", "disk_errors",
@@ -1440,6 +1444,7 @@ class DomainRecord(object):
         self.seen = False           # in a sample yet
         self.gone_at = None         # when it left libvirt's list (Unix time)
         self.process = self.views = self.full = self.complete = self.job = None
+        self.why_libvirt = None
         self.idle_pause = self.spec = self.info = self.last_job = self.changed_at = None
         self.ring = self.xml = None     # xml: None until the spec reader has read it
         self.look_again = self.due = self.completed_at = self.xml_read_at = 0.0
@@ -3951,6 +3956,10 @@ class Agent(object):
     def live_timeout(self):
         return max(10.0, 2 * self.args.interval)
 
+    def status_what(self):
+        """What the STATUS line says, but the sample's age."""
+        return (len(self.loop.latest.domains), bool(self.loop.latest.time), self.hypervisor.up)
+
     def status(self):
         """One line for systemd's STATUS=."""
         sample = self.loop.latest
@@ -3968,10 +3977,16 @@ class Agent(object):
                 "kernel_domains": sample.kernel_domains,
                 "libvirt_domains": active - sample.kernel_domains,
                 "libvirt_values": sample.through_libvirt,
+                "libvirt_why": None if unavailable else self.why_libvirt(),
                 "kernel_unavailable": unavailable,
                 "pressure_unavailable": unavailable or self.no_pressure(),
                 "interval_seconds": self.args.interval,
                 "full_interval_seconds": self.loop.pacer.full_interval}
+
+    def why_libvirt(self):
+        """Why the kernel did not give running domains' values, or None."""
+        why = [r.why_libvirt for r in self.store.present_records() if r.why_libvirt]
+        return "%d domain(s): %s" % (len(why), why[0]) if why else None
 
     def no_pressure(self):
         """Why the pressure families lack for running domains the kernel reads, or None."""
@@ -4622,8 +4637,12 @@ class SystemdNotifier(object):
     """sd_notify(3) for Type=notify: one datagram per message to $NOTIFY_SOCKET.
 
     Silent when systemd did not start us.  WATCHDOG=1 goes out at half of
-    $WATCHDOG_USEC from the sampling loop, so a hung libvirt trips it.
+    $WATCHDOG_USEC from the sampling loop, so a hung libvirt trips it.  STATUS goes
+    with each beat, every 10 s at least, and within a second of a change of what
+    it says: `systemctl status` is never half a watchdog period behind.
     """
+
+    STATUS_EVERY = 10.0
 
     def __init__(self, environ=None):
         environ = os.environ if environ is None else environ
@@ -4636,7 +4655,8 @@ class SystemdNotifier(object):
         self.watchdog = usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid()))
         if self.watchdog:
             self.every = int(usec) / 2e6
-        self.last = 0.0
+        self.last = self.told_at = 0.0
+        self.told = None        # what the last STATUS said, but its sample's age
         self.sock = None
         self.failed = False
 
@@ -4659,12 +4679,21 @@ class SystemdNotifier(object):
     def ready(self, status):
         self.send("READY=1", "STATUS=" + status)
 
-    def beat(self, status):
-        """WATCHDOG=1 (when asked for) and STATUS, at most every half watchdog period."""
+    def beat(self, status, what=lambda: None):
+        """WATCHDOG=1 (when asked for) every half watchdog period; STATUS (the line
+        status() makes) with it, and on its own when what() changed (the first
+        sample, libvirt lost or back, domains come or go) or 10 s passed."""
+        if self.address is None:
+            return
         now = time.monotonic()
-        if self.address is not None and now - self.last >= self.every:
+        messages = []
+        if self.watchdog and now - self.last >= self.every:
             self.last = now
-            self.send(*(["WATCHDOG=1"] if self.watchdog else []) + ["STATUS=" + status()])
+            messages.append("WATCHDOG=1")
+        since = now - self.told_at
+        if messages or since >= self.STATUS_EVERY or since >= 1 and what() != self.told:
+            self.told_at, self.told = now, what()
+            self.send(*messages + ["STATUS=" + status()])
 
     def stopping(self):
         self.send("STOPPING=1", "STATUS=stopping")
@@ -4851,7 +4880,7 @@ def setup_logging(verbose):
 
 def build_agent(args, users=None, once=False):
     """The agent's parts, wired: once, for --once (no events, no StatsD, the specs
-    read at once, every value through libvirt)."""
+    read at once; the kernel read as --source says, for the values only it has)."""
     registry = Registry(args.collect, args.metadata_label)
     store = DomainStore(args.down_minutes * 60, args.history)
     call = LibvirtCaller(args.libvirt_timeout)
@@ -4859,7 +4888,7 @@ def build_agent(args, users=None, once=False):
     specs = SpecReader(call, store, args.metadata_label, inline=once)
     pacer = Pacer(args.interval, args.full_interval)
     sampler = Sampler(hypervisor, call, store, registry, stats_groups(args.collect),
-                      pacer.full_interval, pacer.rolling, "libvirt" if once else args.source,
+                      pacer.full_interval, pacer.rolling, args.source,
                       JobWatch(call, store), specs)
     loop = SampleLoop(sampler, pacer, History(registry, store, args.history, args.interval),
                       hypervisor, call)
@@ -4998,7 +5027,7 @@ def main(argv=None):
     log.info("vadvisor %s listening on port %d, libvirt %s",
              VERSION, server.server_address[1], args.connect)
     notifier.ready(agent.status())      # the port is bound: READY before any beat
-    agent.call.heartbeat = lambda: notifier.beat(agent.status)
+    agent.call.heartbeat = lambda: notifier.beat(agent.status, agent.status_what)
     agent.loop.start()
     if agent.statsd is not None:
         agent.statsd.start()
