@@ -175,6 +175,11 @@ REST_FACTOR = 1             # rest at least this many times a sample's duration
 LIVE_GATHER_SECONDS = 0.05      # live requests this close together share one libvirt call
 STREAM_SEND_BUFFER = 65536      # bytes of kernel buffer per event stream
 MAX_STUCK = 2                   # abandoned libvirt calls before no new one is started
+# A StatsD push goes out in bursts: a receiver's socket holds some 90 datagrams by
+# default (Linux, loopback) and a host with many domains pushes hundreds; a receiver
+# not scheduled for a few milliseconds would silently lose the rest.
+STATSD_BURST = 32               # datagrams ...
+STATSD_BURST_GAP = 0.01         # ... then this many seconds' pause
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
                      r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -3176,7 +3181,9 @@ class StatsdEmitter(object):
                         % (len(dropped), self.max_packet, dropped[0][0][:80]), len(dropped))
         try:
             sock = self.connect()
-            for packet in packets:
+            for i, packet in enumerate(packets):
+                if i and not i % STATSD_BURST:
+                    self.stopping.wait(STATSD_BURST_GAP)
                 sock.send(packet)
                 self.packets_total += 1
         except (OSError, UnicodeError) as exc:
