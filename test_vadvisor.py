@@ -4310,8 +4310,8 @@ class StatsdReferenceServerTests(unittest.TestCase):
         self.assertGreater(len(got), 40)
 
     def test_a_push_goes_out_in_bursts(self):
-        """--statsd-max-packet 100 makes a datagram of about each line, some 100 a push
-        for the guest alone.  The kernel's receive timestamps (SO_TIMESTAMPNS: when
+        """--statsd-max-packet 100 makes a datagram of one or two lines, some 50 a push
+        for the guest alone (more beside other domains).  The kernel's receive timestamps (SO_TIMESTAMPNS: when
         each datagram was queued, however late the test reads it) show at most 32 of
         them in any 10 ms, so a receiver's default buffer (some 90) is never overrun
         by one push."""
@@ -4342,7 +4342,7 @@ class StatsdReferenceServerTests(unittest.TestCase):
         pushes = self.pushes(stamps)[1:-1]      # whole pushes only
         self.assertGreaterEqual(len(pushes), 2, len(stamps))
         for push in pushes:
-            self.assertGreater(len(push), 64)
+            self.assertGreater(len(push), 32)       # at least one pause to see
             closest = min(push[i + 32] - push[i] for i in range(len(push) - 32))
             self.assertGreaterEqual(closest, 0.009, "33 datagrams within %.1f ms" % (closest * 1e3))
         print("\n    %d datagrams a push, %.0f ms each" % (
