@@ -519,7 +519,8 @@ class LibvirtCaller(object):
                     box["abandoned"] = True
                     self.stuck += 1
                     self.timeouts_total += 1
-                    raise Stuck("a libvirt call took longer than %g s" % self.timeout)
+                    raise Stuck("a libvirt call (%s) took longer than %g s"
+                                % (getattr(call, "__name__", "a call"), self.timeout))
         if "error" in box:
             raise box["error"]
         return box["result"]
@@ -1710,7 +1711,10 @@ class Sampler(object):
         """The host beside its domains: its CPUs and memory (getInfo, getMemoryStats:
         local to libvirtd, no guest; read every --full-interval), what its active
         (running or paused) domains are given of them."""
-        if now >= self.host_due:
+        # Not while a call is stuck: queued behind it on the same connection, libvirt
+        # 9.0's client left getMemoryStats unanswered (seen in about one of four
+        # hung guests), and a second stuck call stops every call (MAX_STUCK).
+        if now >= self.host_due and not self.call.stuck:
             self.host_due = now + self.full_interval
             try:
                 info = self.call(conn.getInfo)
@@ -1858,7 +1862,8 @@ class Sampler(object):
             try:
                 records = self.call(call, *args)
                 return records, started, time.monotonic() - clock
-            except Stuck:
+            except Stuck as exc:
+                log.debug("%s (attempt %d)", exc, attempt)
                 if attempt == 2:
                     raise
 
