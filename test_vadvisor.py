@@ -2074,13 +2074,8 @@ class LibvirtFaultTests(unittest.TestCase):
                 self.assertEqual(len(values(fams, "vm_disk_read_bytes_total", name=a)), 1)
                 self.assertLessEqual(values(fams, "vadvisor_libvirt_stuck_calls")[0], 2)
                 self.assertLessEqual(agent_threads(agent), threads + 3)   # no pile-up
-                # A live read is one bulk call of every domain: on a busy host it may
-                # outlive the 2 s timeout too, and with the hung guest's call that is
-                # MAX_STUCK; the agent then answers 503 until the slow call returns.
-                stats = wait_for(lambda: (lambda got: got if self.b.UUIDString() in got
-                                          else None)(json.loads(
-                                              agent.get("/api/v1.0/stats/?live=true")[2])), 40)
-                self.assertTrue(stats, [
+                stats = json.loads(agent.get("/api/v1.0/stats/?live=true")[2])
+                self.assertIn(self.b.UUIDString(), stats, [
                     (n, values(agent.metrics(self), n)) for n in (
                         "vadvisor_libvirt_timeouts_total", "vadvisor_libvirt_calls_total",
                         "vadvisor_samples_total", "vadvisor_libvirt_stuck_calls")] + [
