@@ -627,6 +627,20 @@ def libvirt_cgroup(path):
     return parts[-1] == "emulator" or "qemu" in parts[-1]
 
 
+def domain_cgroups(pid):
+    """[(controllers, path)] of the cgroups libvirt put a QEMU process in, each the
+    domain's own (its emulator thread's parent); raises OSError or ValueError."""
+    with open("/proc/%d/cgroup" % pid) as f:
+        lines = f.read().splitlines()
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if libvirt_cgroup(path):
+            found.append((controllers, path[:-len("/emulator")] if path.endswith("/emulator")
+                          else path))
+    return found
+
+
 class CgroupCpu(object):
     """A domain's CPU time from its cgroup, where libvirt reads it too."""
 
@@ -660,26 +674,21 @@ class CgroupCpu(object):
     def of(cls, pid):
         """The cgroup libvirt put the domain in (its emulator thread's parent), or None."""
         try:
-            with open("/proc/%d/cgroup" % pid) as f:
-                lines = f.read().splitlines()
-        except OSError:
+            groups = domain_cgroups(pid)
+        except (OSError, ValueError):
             return None
-        for line in lines:      # cgroup v1's cpuacct first: where it is used, libvirt reads it
-            _, controllers, path = line.split(":", 2)
-            if "cpuacct" in controllers.split(",") and libvirt_cgroup(path):
+        for controllers, path in groups:    # cgroup v1's cpuacct first: where it is used,
+            if "cpuacct" in controllers.split(","):     # libvirt reads it
                 found = cls._open(CGROUP_V1_ROOTS, path, 1)
                 if found:
                     return found
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if controllers == "" and libvirt_cgroup(path):
+        for controllers, path in groups:
+            if controllers == "":
                 return cls._open(CGROUP_ROOTS, path, 2)
         return None
 
     @classmethod
     def _open(cls, roots, path, version):
-        if path.endswith("/emulator"):
-            path = path[:-len("/emulator")]
         for root in roots:
             try:
                 return cls(root + path, version)
@@ -724,13 +733,9 @@ class CgroupPressure(object):
     def of(cls, pid):
         """The pressure files of the cgroup libvirt put the domain in, or (None, why not)."""
         try:
-            with open("/proc/%d/cgroup" % pid) as f:
-                paths = [line.split(":", 2)[2] for line in f.read().splitlines()
-                         if line.split(":", 2)[1] == ""]
-        except (OSError, IndexError):
+            paths = [path for controllers, path in domain_cgroups(pid) if controllers == ""]
+        except (OSError, ValueError):
             return None, "its /proc/PID/cgroup is not readable"
-        paths = [p[:-len("/emulator")] if p.endswith("/emulator") else p
-                 for p in paths if libvirt_cgroup(p)]
         if not paths:
             return None, "libvirt put the domain in no cgroup v2 group"
         for root in CGROUP_ROOTS:
