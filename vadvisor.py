@@ -1361,11 +1361,20 @@ class SpecReader(object):
         if self.inline:
             return self.read(domains, seq)
         with self.lock:
+            if not self.working and not any(self.wanted(uuid) for uuid in domains):
+                self.seq = seq      # most rounds: no thread started for nothing to read
+                self.updated.notify_all()
+                return
             self.pending = (domains, seq)
             if self.working:
                 return
             self.working = True
         threading.Thread(target=self._work, name="specs", daemon=True).start()
+
+    def wanted(self, uuid):
+        """True when the domain's spec is to be read: missing, or stale since an event."""
+        record = self.store.get(uuid)
+        return record is not None and (record.spec is None or record.spec_stale)
 
     def _work(self):
         while True:
@@ -1383,9 +1392,9 @@ class SpecReader(object):
         """Reads the XML of the domains (uuid -> virDomain) whose spec is missing or stale."""
         changed = False
         for uuid, dom in domains.items():
-            record = self.store.get(uuid)
-            if record is None or record.spec is not None and not record.spec_stale:
+            if not self.wanted(uuid):
                 continue
+            record = self.store.get(uuid)
             record.spec_stale = False   # before the read: a change during it marks it again
             try:
                 root = ElementTree.fromstring(self.call(dom.XMLDesc, 0))
