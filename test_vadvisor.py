@@ -8284,6 +8284,16 @@ def hypervisor_pids():
     return {"libvirtd": [libvirtd_pid()] if libvirtd_pid() else [], "QEMU": qemu}
 
 
+def guests_quiet(window=2.0, most=0.1):
+    """True when no QEMU process, vCPUs included, used more than most of a core over
+    window seconds: a guest's firmware looking for something to boot takes a whole
+    one, an idle guest some 0.006."""
+    pids = hypervisor_pids()["QEMU"]
+    first = [process_cpu(pid) for pid in pids]
+    time.sleep(window)      # the window measured
+    return all(process_cpu(pid) - used <= most * window for pid, used in zip(pids, first))
+
+
 def cpu_used(seconds, agent_pid=None, port=None, every=None):
     """CPU cores used by libvirtd, every QEMU process and the agent over seconds, with
     /metrics asked for every `every` seconds (start to start), as a scraper would."""
@@ -8413,7 +8423,8 @@ def bench_overhead(seconds=60):
     Bench.settled()
     # the guests' own boot burst of CPU passes before idle is measured: their firmware
     # runs some seconds after start (it retries about once a minute after that)
-    time.sleep(20)
+    if not wait_for(guests_quiet, 180, 0.1):
+        raise AssertionError("the guests' QEMU processes never went quiet")
     results = {"idle": cpu_used(seconds)}
     # scraped every 1 s as Prometheus would; not scraped, as Netdata is measured: it
     # collects every second into memory, the agent into its minute of history

@@ -1361,7 +1361,7 @@ class SpecReader(object):
         if self.inline:
             return self.read(domains, seq)
         with self.lock:
-            if not self.working and not any(self.wanted(uuid) for uuid in domains):
+            if not self.working and not any(self.wanted(self.store.get(u)) for u in domains):
                 self.seq = seq      # most rounds: no thread started for nothing to read
                 self.updated.notify_all()
                 return
@@ -1371,9 +1371,9 @@ class SpecReader(object):
             self.working = True
         threading.Thread(target=self._work, name="specs", daemon=True).start()
 
-    def wanted(self, uuid):
+    @staticmethod
+    def wanted(record):
         """True when the domain's spec is to be read: missing, or stale since an event."""
-        record = self.store.get(uuid)
         return record is not None and (record.spec is None or record.spec_stale)
 
     def _work(self):
@@ -1392,9 +1392,9 @@ class SpecReader(object):
         """Reads the XML of the domains (uuid -> virDomain) whose spec is missing or stale."""
         changed = False
         for uuid, dom in domains.items():
-            if not self.wanted(uuid):
-                continue
             record = self.store.get(uuid)
+            if not self.wanted(record):
+                continue
             record.spec_stale = False   # before the read: a change during it marks it again
             try:
                 root = ElementTree.fromstring(self.call(dom.XMLDesc, 0))
